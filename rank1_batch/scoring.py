@@ -1,0 +1,57 @@
+"""Score arithmetic and the choice of outcome: pure functions shared by the engine and the tests."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+FALLBACK_SCORE = 0.5
+
+
+class Outcome(str, Enum):
+    ANSWERED = "answered"  # the main pass closed its reasoning and said true or false
+    FORCED = "forced"  # the label was read after appending `</think>` to the cut reasoning
+    FALLBACK = "fallback"  # no label could be read; the pair scores 0.5
+
+
+def score_from_logprobs(logprob_true: float, logprob_false: float) -> float:
+    """P(true) against P(false): exp(lt) / (exp(lt) + exp(lf)), computed without overflow."""
+    diff = logprob_true - logprob_false
+    if diff >= 0:
+        return 1.0 / (1.0 + math.exp(-diff))
+    expd = math.exp(diff)
+    return expd / (1.0 + expd)
+
+
+def answered_label(finish_reason: str | None, stop_reason: object, stop_strings: tuple[str, ...]) -> bool:
+    """Whether the main pass ended on one of the label stop strings.
+
+    With exact label logprobs both labels are present at every position, so their presence no
+    longer tells that the model answered; only the stop string does.
+    """
+    return finish_reason == "stop" and stop_reason in stop_strings
+
+
+def usable(logprob_true: float | None, logprob_false: float | None) -> bool:
+    return (
+        logprob_true is not None
+        and logprob_false is not None
+        and not (math.isinf(logprob_true) and math.isinf(logprob_false))
+        and not (math.isnan(logprob_true) or math.isnan(logprob_false))
+    )
+
+
+@dataclass(frozen=True)
+class Judgement:
+    score: float
+    outcome: Outcome
+    logprob_true: float | None
+    logprob_false: float | None
+
+
+def judge(outcome: Outcome, logprob_true: float | None, logprob_false: float | None) -> Judgement:
+    """The score of a pair read at `outcome`'s step, or the fallback when the logprobs are unusable."""
+    if outcome is Outcome.FALLBACK or not usable(logprob_true, logprob_false):
+        return Judgement(FALLBACK_SCORE, Outcome.FALLBACK, logprob_true, logprob_false)
+    return Judgement(score_from_logprobs(logprob_true, logprob_false), outcome, logprob_true, logprob_false)
