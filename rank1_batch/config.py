@@ -64,11 +64,13 @@ class RunConfig:
     min_engines: int | None = None
     max_engines: int | None = None
     cpus_per_engine: float = 1.0
+    device: str = "auto"
     batch_size: int = 256
     ray_address: str | None = None
     s3_endpoint_url: str | None = None
     s3_profile: str | None = None
     overwrite: bool = False
+    verbose: bool = False
 
 
 @dataclass(frozen=True)

@@ -67,14 +67,16 @@ def source_columns(names: list[str], columns: dict[str, str] | None = None) -> l
 def to_contract(batch: pa.Table, columns: dict[str, str] | None = None) -> pa.Table:
     """Rename mapped columns, cast to the contract's types, and add absent optional columns as nulls."""
     renamed = {source: target for target, source in (columns or {}).items()}
-    batch = batch.rename_columns([renamed.get(name, name) for name in batch.column_names])
-    arrays = []
-    for column in INPUT_SCHEMA:
-        if column.name in batch.column_names:
-            arrays.append(batch[column.name].cast(column.type))
-        else:
-            arrays.append(pa.nulls(batch.num_rows, column.type))
-    return pa.Table.from_arrays(arrays, schema=INPUT_SCHEMA)
+    return conform(batch.rename_columns([renamed.get(name, name) for name in batch.column_names]), INPUT_SCHEMA)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The table with exactly the schema's columns, cast to its types; absent columns are nulls."""
+    arrays = [
+        table[field.name].cast(field.type) if field.name in table.column_names else pa.nulls(table.num_rows, field.type)
+        for field in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def split_rejects(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -87,3 +89,8 @@ def split_rejects(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
         reasons = pc.if_else(pc.and_(pc.is_null(reasons), empty), f"{column} is null or empty", reasons)
     rejected = pc.is_valid(reasons)
     return batch.filter(pc.invert(rejected)), batch.filter(rejected).append_column(REASON, reasons.filter(rejected))
+
+
+def count_values(values: pa.Array | pa.ChunkedArray) -> dict:
+    """How often each value occurs, as a plain dict."""
+    return {entry["values"]: entry["counts"] for entry in pc.value_counts(values).to_pylist()}

@@ -1,0 +1,112 @@
+"""The per-batch stages of a run, each with one job; Ray Data calls them on its workers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import JobConfig
+from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong
+from .ranking import top_k_mask
+from .schema import REASON, SCORES_SCHEMA, TRACES_SCHEMA, conform, count_values, split_rejects, to_contract
+from .storage import Output, content_name
+
+PASSTHROUGH = ("query_id", "doc_id", "first_stage_rank", "first_stage_score")
+PROMPTS_SCHEMA = pa.schema(
+    [
+        *(SCORES_SCHEMA.field(name) for name in PASSTHROUGH),
+        # null for a pair set aside here (rejected, or outside the top k): it is only counted later
+        ("prompt_token_ids", pa.list_(pa.int32())),
+        ("truncated", pa.bool_()),
+    ]
+)
+UNSCORED_SCHEMA = pa.schema([SCORES_SCHEMA.field(name) for name in PASSTHROUGH])
+# Scores with the reasoning beside them, as the score stage hands them to the writer.
+SCORED_SCHEMA = pa.schema([*SCORES_SCHEMA, TRACES_SCHEMA.field("reasoning")])
+OUTCOMES = ("answered", "forced", "fallback")
+
+_encoders: dict[str, PromptEncoder] = {}
+
+
+def _encoder(job: JobConfig) -> PromptEncoder:
+    """One tokenizer per worker process and configuration: loading it costs more than a batch."""
+    key = json.dumps([asdict(job.engine), asdict(job.scoring)], sort_keys=True)
+    if key not in _encoders:
+        _encoders[key] = PromptEncoder.for_model(job.engine, job.scoring)
+    return _encoders[key]
+
+
+def prepare(batch: pa.Table, job: JobConfig, output: Output) -> pa.Table:
+    """Validate rows, keep the top k, and build each prompt; set-aside rows are written here."""
+    pairs = to_contract(batch, job.run.columns)
+    pairs, rejects = split_rejects(pairs)
+    reranked = top_k_mask(pairs["first_stage_rank"], job.run.top_k)
+    tail, pairs = pairs.filter(pc.invert(reranked)), pairs.filter(reranked)
+
+    encoder = _encoder(job)
+    prompts: list[list[int] | None] = []
+    truncated: list[bool | None] = []
+    too_long: list[str | None] = []
+    for row in pairs.select(["query", "text", "title", "instruction"]).to_pylist():
+        try:
+            encoded: EncodedPrompt = encoder.encode(row["query"], row["text"], row["title"], row["instruction"])
+        except PromptTooLong as error:
+            prompts.append(None), truncated.append(None), too_long.append(str(error))
+            continue
+        prompts.append(encoded.token_ids), truncated.append(encoded.truncated), too_long.append(None)
+    too_long_mask = pc.is_valid(pa.array(too_long, pa.string()))
+    rejects = pa.concat_tables(
+        [rejects, pairs.filter(too_long_mask).append_column(REASON, pa.array(too_long, pa.string()).filter(too_long_mask))]
+    )
+    if rejects.num_rows:
+        output.write_table("rejects", content_name(rejects["query_id"], rejects["doc_id"]), rejects)
+    if tail.num_rows:
+        tail = tail.select(UNSCORED_SCHEMA.names)
+        output.write_table("unscored", content_name(tail["query_id"], tail["doc_id"]), tail)
+
+    scored = pairs.select(PASSTHROUGH).append_column("prompt_token_ids", pa.array(prompts, pa.list_(pa.int32())))
+    scored = scored.append_column("truncated", pa.array(truncated, pa.bool_()))
+    set_aside = [conform(rows, PROMPTS_SCHEMA) for rows in (rejects, tail)]
+    return pa.concat_tables([conform(scored.filter(pc.invert(too_long_mask)), PROMPTS_SCHEMA), *set_aside])
+
+
+class ScorePairs:
+    """An actor holding one engine; scores the prompts of each batch it is given."""
+
+    def __init__(self, job: JobConfig):
+        from .scorer import Rank1Scorer
+
+        self.scorer = Rank1Scorer(job.engine, job.scoring)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        to_score = pc.is_valid(batch["prompt_token_ids"])
+        prompts = batch.filter(to_score)
+        encoded = [
+            EncodedPrompt(ids, truncated)
+            for ids, truncated in zip(prompts["prompt_token_ids"].to_pylist(), prompts["truncated"].to_pylist())
+        ]
+        results = [result.to_dict() for result in self.scorer.score_encoded(encoded)]
+        scored = prompts.select(PASSTHROUGH)
+        for field in SCORED_SCHEMA:
+            if field.name not in PASSTHROUGH:
+                scored = scored.append_column(field, pa.array([row[field.name] for row in results], field.type))
+        set_aside = batch.filter(pc.invert(to_score))
+        return pa.concat_tables([conform(scored, SCORED_SCHEMA), conform(set_aside, SCORED_SCHEMA)])
+
+
+def write_results(batch: pa.Table, job: JobConfig, output: Output) -> pa.Table:
+    """Write the scored pairs of a batch (traces first: a scores file marks the pair done) and
+    return the batch's counts for the progress display."""
+    scored = batch.filter(pc.is_valid(batch["score"]))
+    if scored.num_rows:
+        name = content_name(scored["query_id"], scored["doc_id"])
+        if job.run.write_traces:
+            output.write_table("traces", name, scored.select(TRACES_SCHEMA.names).cast(TRACES_SCHEMA))
+        output.write_table("scores", name, scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA))
+    counts = {"pairs": batch.num_rows, "scored": scored.num_rows}
+    counts.update({outcome: 0 for outcome in OUTCOMES})
+    counts.update(count_values(scored["outcome"]))
+    return pa.Table.from_pylist([counts])

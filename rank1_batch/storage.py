@@ -1,0 +1,149 @@
+"""Files behind fsspec URLs: input listing, Parquet footers, and part files written once."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import RunConfig
+
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+
+
+def storage_options(url: str, run: RunConfig) -> dict[str, Any]:
+    """Options for the URL's filesystem. Credentials are never passed here: s3fs takes them from
+    the standard AWS environment variables, config files and instance roles."""
+    if fsspec.utils.get_protocol(url) not in ("s3", "s3a"):
+        return {}
+    options: dict[str, Any] = {}
+    if run.s3_endpoint_url:
+        options["endpoint_url"] = run.s3_endpoint_url
+    if run.s3_profile:
+        options["profile"] = run.s3_profile
+    return options
+
+
+def filesystem(url: str, run: RunConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(url, **storage_options(url, run))
+
+
+def _is_hidden(path: str) -> bool:
+    return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
+
+
+def list_input_files(run: RunConfig) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """Every Parquet file named by the inputs (files, directories, globs), in a stable order."""
+    if not run.input:
+        raise ValueError("--input: give at least one Parquet file, directory or glob")
+    found: list[str] = []
+    fs = None
+    for url in run.input:
+        url_fs, path = filesystem(url, run)
+        if fs is not None and url_fs.protocol != fs.protocol:
+            raise ValueError(f"--input {url}: all inputs must be on one filesystem")
+        fs = url_fs
+        if fsspec.core.has_magic(path):
+            matches = fs.glob(path)
+        elif fs.isdir(path):
+            matches = [p for p in fs.find(path) if p.endswith(PARQUET_SUFFIXES)]
+        elif fs.exists(path):
+            matches = [path]
+        else:
+            raise FileNotFoundError(f"--input {url}: no such file or directory")
+        matches = [p for p in matches if not _is_hidden(p)]
+        if not matches:
+            raise FileNotFoundError(f"--input {url}: no Parquet files found")
+        found.extend(sorted(matches))
+    return fs, list(dict.fromkeys(found))
+
+
+def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path as the user would write it (with its protocol), for messages."""
+    return fs.unstrip_protocol(path)
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    columns: list[str]
+    rows: int
+
+
+def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> Shard:
+    """Column names and row count from a Parquet file's footer; a clear error if it is not one."""
+    try:
+        with fs.open(path, "rb") as handle:
+            metadata = pq.ParquetFile(handle).metadata
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ValueError(f"{url_of(fs, path)}: not a readable Parquet file ({error})") from None
+    return Shard(path, list(metadata.schema.to_arrow_schema().names), metadata.num_rows)
+
+
+def content_name(*keys: pa.Array) -> str:
+    """A file name that depends only on the rows it holds, so a retried batch rewrites its own file."""
+    digest = hashlib.sha256()
+    for key in keys:
+        for value in key.to_pylist():
+            digest.update(str(value).encode("utf-8", "surrogatepass") + b"\0")
+    return f"part-{digest.hexdigest()[:32]}.parquet"
+
+
+class Output:
+    """The output URL: part files under sub-directories, and small files at the top."""
+
+    def __init__(self, url: str, run: RunConfig):
+        self.url = url.rstrip("/")
+        self.run = run
+        self.fs, self.root = filesystem(self.url, run)
+
+    def __reduce__(self):
+        return Output, (self.url, self.run)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def write_table(self, directory: str, name: str, table: pa.Table) -> None:
+        """Write one Parquet file so that readers never see it half-written.
+
+        An object store shows an object only once its upload completes; on other filesystems the
+        file is written under a hidden name and renamed.
+        """
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.write_bytes(f"{directory}/{name}", buffer.getvalue())
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        target = self.path(relative)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        if "file" in self.fs.protocol:
+            directory, name = target.rsplit("/", 1)
+            staging = f"{directory}/.{name}.tmp"
+            self.fs.pipe_file(staging, data)
+            self.fs.mv(staging, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def files(self, directory: str) -> list[str]:
+        base = self.path(directory)
+        if not self.fs.exists(base):
+            return []
+        return sorted(p for p in self.fs.find(base) if p.endswith(".parquet") and not _is_hidden(p))
+
+    def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
+        """All committed part files of a directory as one table (empty with `schema` if none)."""
+        tables = []
+        for path in self.files(directory):
+            with self.fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle, columns=columns))
+        if not tables:
+            return schema.empty_table().select(columns)
+        return pa.concat_tables(tables)
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.exists(self.path(relative))

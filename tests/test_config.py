@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import click
+import pytest
+
+from rank1_batch.cli import job_config
+from rank1_batch.config import TINY_MODEL_DIR, JobConfig, load_options
+
+JOBS = Path(__file__).parent.parent / "jobs"
+
+
+def test_flat_options_land_in_their_parts():
+    job = JobConfig.from_options({"model": "m", "max-reasoning-tokens": 64, "threshold": 0.7, "input": "a.parquet"})
+    assert job.engine.model == "m"
+    assert job.engine.max_reasoning_tokens == 64
+    assert job.scoring.threshold == 0.7
+    assert job.run.input == ("a.parquet",)
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match="max_tokens"):
+        JobConfig.from_options({"max_tokens": 5})
+
+
+def test_tiny_resolves_to_the_bundled_model():
+    assert JobConfig.from_options({"model": "tiny"}).engine.model_path == str(TINY_MODEL_DIR)
+    assert JobConfig.from_options({"model": "org/name"}).engine.model_path == "org/name"
+
+
+@pytest.mark.parametrize("spec", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
+def test_job_specs_load(spec):
+    job = JobConfig.from_options(load_options(spec))
+    assert job.engine.model.startswith("jhu-clsp/rank1")
+
+
+def test_command_line_wins_over_the_spec():
+    given = {"input": ("in.parquet",), "output": "out", "model": "tiny", "top_k": None, "columns": ("text=body",),
+             "engine_args": ("max_num_seqs=64",)}
+    job = job_config(str(JOBS / "nightly_rerank.yaml"), given)
+    assert job.engine.model == "tiny"
+    assert job.run.top_k == 100  # not given on the command line: the spec's value stays
+    assert job.run.columns == {"text": "body"}
+    assert job.engine.engine_args == {"max_num_seqs": 64}
+
+
+def test_bad_option_value_is_a_usage_error():
+    with pytest.raises(click.BadParameter) as error:
+        job_config(None, {"columns": ("nonsense",)})
+    assert "--column" in error.value.format_message()
