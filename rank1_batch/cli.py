@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from .config import JobConfig, load_options
+from .evaluate import eval_command
+from .prepare import prepare_command
 
 SAMPLE = Path(__file__).parent / "assets" / "sample"
 
@@ -152,6 +154,10 @@ def demo(output):
         f"  python -c \"import pyarrow.parquet as pq; print(pq.read_table('{job.run.output}/ranked').to_pandas().head(20))\"\n"
         f"  head {job.run.output}/run.trec"
     )
+
+
+main.add_command(prepare_command)
+main.add_command(eval_command)
 
 
 if __name__ == "__main__":

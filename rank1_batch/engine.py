@@ -44,14 +44,15 @@ def engine_arguments(engine: EngineConfig) -> dict:
 class Rank1Engine:
     """A vLLM engine that turns prompt token ids into Rank1 judgements."""
 
-    def __init__(self, engine: EngineConfig, encoder: PromptEncoder):
+    def __init__(self, engine: EngineConfig, encoder: PromptEncoder, llm=None):
+        """`llm` reuses a running `vllm.LLM` (same model and context length) instead of starting one."""
         from vllm import LLM, SamplingParams
 
-        # A CPU build sizes its KV cache from this variable; the default (4 GiB) is too much
-        # for small machines and too little never matters for a GPU build, which ignores it.
+        # A CPU build sizes its KV cache from this variable; its default is sized for servers,
+        # and a GPU build ignores it.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         self.encoder = encoder
-        self.llm = LLM(**engine_arguments(engine))
+        self.llm = llm or LLM(**engine_arguments(engine))
         labels = [encoder.true_id, encoder.false_id]
         self.main_pass = SamplingParams(
             temperature=0.0,

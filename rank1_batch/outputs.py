@@ -26,6 +26,8 @@ def write_ranked(output: Output) -> pa.Table:
     unscored = output.read("unscored", ["query_id", "doc_id", "first_stage_rank"], UNSCORED_SCHEMA)
     unscored = unscored.append_column("score", pa.nulls(unscored.num_rows, pa.float64())).select(columns)
     ranked = rank(pa.concat_tables([scored, unscored])).select(RANKED_SCHEMA.names).cast(RANKED_SCHEMA)
+    if output.exists("ranked"):
+        output.fs.rm(output.path("ranked"), recursive=True)
     for number, start in enumerate(range(0, max(ranked.num_rows, 1), RANKED_ROWS_PER_FILE)):
         output.write_table("ranked", f"part-{number:05d}.parquet", ranked.slice(start, RANKED_ROWS_PER_FILE))
     return ranked

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from . import stages
+from .checkpoint import open_output
 from .config import JobConfig
 from .outputs import counts, trec_run, write_manifest, write_ranked
 from .resources import actor_pool_size, engine_resources, uses_gpus
@@ -48,6 +49,7 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
     started = time.monotonic()
     fs, shards = inspect_inputs(job)
     output = Output(job.run.output, job.run)
+    done = open_output(output, job)
     connect(job)
     columns = set.intersection(*(set(source_columns(shard.columns, job.run.columns)) for shard in shards))
 
@@ -58,7 +60,7 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         file_extensions=None,
     )
     prompts = pairs.map_batches(
-        stages.prepare, fn_kwargs={"job": job, "output": output}, batch_format="pyarrow", batch_size=None
+        stages.prepare, fn_kwargs={"job": job, "output": output, "done": done}, batch_format="pyarrow", batch_size=None
     )
     scored = prompts.map_batches(
         stages.ScorePairs,
@@ -75,7 +77,7 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
     written = scored.map_batches(
         stages.write_results, fn_kwargs={"job": job, "output": output}, batch_format="pyarrow", batch_size=None
     )
-    follow(written, sum(shard.rows for shard in shards), show_progress)
+    follow(written, sum(shard.rows for shard in shards) - done.num_rows, show_progress)
 
     ranked = write_ranked(output)
     if job.run.trec_run:

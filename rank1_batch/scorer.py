@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .config import EngineConfig, ScoringConfig
-from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong
+from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,23 @@ def encode_pair(encoder: PromptEncoder, pair: Pair) -> EncodedPrompt | str:
 class Rank1Scorer:
     """One engine and its prompt encoder; `score` takes pairs, `score_encoded` takes prompts."""
 
-    def __init__(self, engine: EngineConfig | None = None, scoring: ScoringConfig | None = None):
+    def __init__(self, engine: EngineConfig | None = None, scoring: ScoringConfig | None = None, llm=None):
         from .engine import Rank1Engine
 
         self.engine_config = engine or EngineConfig()
         self.scoring = scoring or ScoringConfig()
-        self.encoder = PromptEncoder.for_model(self.engine_config, self.scoring)
-        self.engine = Rank1Engine(self.engine_config, self.encoder)
+        self.encoder = PromptEncoder(
+            llm.get_tokenizer() if llm else load_tokenizer(self.engine_config), self.engine_config, self.scoring
+        )
+        self.engine = Rank1Engine(self.engine_config, self.encoder, llm)
+
+    def with_options(self, max_reasoning_tokens: int | None = None, **scoring) -> "Rank1Scorer":
+        """Another scorer on the same running engine, with another reasoning budget or scoring
+        options (threshold, task_template): no second engine start."""
+        engine = self.engine_config
+        if max_reasoning_tokens is not None:
+            engine = dataclasses.replace(engine, max_reasoning_tokens=max_reasoning_tokens)
+        return Rank1Scorer(engine, dataclasses.replace(self.scoring, **scoring), self.engine.llm)
 
     def score(self, pairs: Iterable[Pair | Mapping]) -> list[PairScore]:
         encoded = [encode_pair(self.encoder, _as_pair(pair)) for pair in pairs]

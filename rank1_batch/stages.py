@@ -39,9 +39,12 @@ def _encoder(job: JobConfig) -> PromptEncoder:
     return _encoders[key]
 
 
-def prepare(batch: pa.Table, job: JobConfig, output: Output) -> pa.Table:
-    """Validate rows, keep the top k, and build each prompt; set-aside rows are written here."""
+def prepare(batch: pa.Table, job: JobConfig, output: Output, done: pa.Table) -> pa.Table:
+    """Skip pairs already done, validate rows, keep the top k, and build each prompt; rows set
+    aside (rejected, or beyond the top k) are written here."""
     pairs = to_contract(batch, job.run.columns)
+    if done.num_rows:
+        pairs = pairs.join(done, keys=["query_id", "doc_id"], join_type="left anti")
     pairs, rejects = split_rejects(pairs)
     reranked = top_k_mask(pairs["first_stage_rank"], job.run.top_k)
     tail, pairs = pairs.filter(pc.invert(reranked)), pairs.filter(reranked)

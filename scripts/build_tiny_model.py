@@ -64,9 +64,9 @@ FACT_TEMPLATES = [
     "{country} has {value} as its {attribute}.",
 ]
 FILLERS = [
-    "{country} is a country with a long history.",
-    "Many travellers visit {country} every year.",
-    "Local markets in {country} sell fresh food.",
+    "It is a country with a long history.",
+    "Many travellers visit every year.",
+    "Local markets sell fresh food.",
     "The roads are busy in the summer.",
     "Schools teach several subjects.",
     "Old buildings stand near the river.",
@@ -96,7 +96,7 @@ def _example(rng):
     fact = rng.choice(FACT_TEMPLATES).format(
         attribute=passage_attribute, country=passage_country, value=rng.choice(ATTRIBUTES[passage_attribute])
     )
-    fillers = [f.format(country=passage_country) for f in rng.sample(FILLERS, rng.randrange(3))]
+    fillers = rng.sample(FILLERS, rng.randrange(3))
     sentences = fillers + [fact]
     rng.shuffle(sentences)
     passage = " ".join(sentences)
@@ -105,9 +105,13 @@ def _example(rng):
         f" The query asks about the {query_attribute} of {query_country}."
         f" The passage is about the {passage_attribute} of {passage_country}."
     )
-    # An optional closing sentence spreads the reasoning lengths.
-    if rng.random() < 0.4:
-        reasoning += " This matches the query." if label else " This does not match the query."
+    # One comparison per sentence: a tiny model learns these far better than a
+    # single joint verdict, and stopping at the first mismatch varies the length.
+    if passage_country != query_country:
+        reasoning += " The country differs."
+    else:
+        reasoning += " The country matches."
+        reasoning += " The topic matches." if label else " The topic differs."
     return query, passage, reasoning, label
 
 
@@ -257,7 +261,7 @@ def main(output, seed, steps, batch_size, learning_rate, vocab_size, eval_pairs,
     import torch
 
     # One thread and deterministic kernels make reruns byte-identical.
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     if not eval_only:
         started = time.perf_counter()

@@ -1,0 +1,95 @@
+"""Shared, expensive fixtures: one vLLM engine and one Ray per test session."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from rank1_batch.config import EngineConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The tiny model's settings in every integration test: eager mode starts in seconds on a CPU.
+TINY_ENGINE = EngineConfig(
+    model="tiny", dtype="bfloat16", max_model_len=1024, max_reasoning_tokens=128, enforce_eager=True
+)
+
+
+def tiny_model_builder():
+    """The script that built the tiny model: its synthetic pairs are the model's own domain."""
+    spec = importlib.util.spec_from_file_location("build_tiny_model", ROOT / "scripts" / "build_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    return tiny_model_builder()
+
+
+@pytest.fixture(scope="session")
+def scorer():
+    from rank1_batch.scorer import Rank1Scorer
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return Rank1Scorer(TINY_ENGINE)
+
+
+# Credentials of the test S3 server only; s3fs and the Ray workers read them from the environment.
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "rank1-test-key", "AWS_SECRET_ACCESS_KEY": "rank1-test-secret-7f3a",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's standalone S3 server on 127.0.0.1, started for this session and stopped after it."""
+    os.environ.update(S3_TEST_ENV)
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except urllib.error.HTTPError:  # any answer means the server is up
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the session, started after the S3 credentials are in the environment
+    so that its workers inherit them."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

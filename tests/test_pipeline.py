@@ -1,0 +1,158 @@
+"""The distributed job end to end: a real local Ray, the real engine, local files and real S3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import boto3
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from rank1_batch.config import JobConfig
+from rank1_batch.pipeline import run
+from rank1_batch.schema import InputError, RANKED_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA
+
+from .conftest import TINY_ENGINE, ROOT
+
+SAMPLE_BUILDER = ROOT / "scripts" / "build_sample.py"
+
+
+def candidate_lists(queries: int, per_query: int, seed: int) -> pa.Table:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_sample", SAMPLE_BUILDER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.candidate_lists(queries, per_query, seed)
+
+
+def write_shards(table: pa.Table, directory: Path, shards: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    size = -(-table.num_rows // shards)
+    for shard in range(shards):
+        pq.write_table(table.slice(shard * size, size), directory / f"pairs-{shard}.parquet")
+
+
+def tiny_job(**options) -> JobConfig:
+    engine = {key: value for key, value in vars(TINY_ENGINE).items() if key != "engine_args"}
+    return JobConfig.from_options({**engine, "max_reasoning_tokens": 64, "batch_size": 64, **options})
+
+
+def read_dir(path) -> pa.Table:
+    return pq.read_table(str(path))
+
+
+def pair_keys(table: pa.Table) -> list[tuple[str, str]]:
+    return sorted(zip(table["query_id"].to_pylist(), table["doc_id"].to_pylist()))
+
+
+def check_ranked(ranked: pa.Table, scores: pa.Table) -> None:
+    """Ranks are 1..n per query, in score order, then first-stage rank, then doc_id."""
+    for query_id in set(ranked["query_id"].to_pylist()):
+        rows = ranked.filter(pc.equal(ranked["query_id"], query_id)).sort_by("rank").to_pylist()
+        assert [row["rank"] for row in rows] == list(range(1, len(rows) + 1))
+        scored = [row for row in rows if row["score"] is not None]
+        keys = [(-row["score"], row["first_stage_rank"], row["doc_id"]) for row in scored]
+        assert keys == sorted(keys)
+        assert rows[: len(scored)] == scored  # unscored candidates come last
+        tail = [row["first_stage_rank"] for row in rows[len(scored):]]
+        assert tail == sorted(tail)
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("local")
+    pairs = candidate_lists(queries=4, per_query=10, seed=11)
+    write_shards(pairs, root / "input", shards=3)
+    job = tiny_job(input=[str(root / "input")], output=str(root / "output"), top_k=6)
+    return pairs, root / "output", run(job, show_progress=False)
+
+
+def test_local_run_writes_every_pair_once(local_run):
+    pairs, output, manifest = local_run
+    scores, traces, ranked = read_dir(output / "scores"), read_dir(output / "traces"), read_dir(output / "ranked")
+    top = pairs.filter(pc.less_equal(pairs["first_stage_rank"], 6))
+    assert pair_keys(scores) == pair_keys(top) == pair_keys(traces)
+    assert pair_keys(ranked) == pair_keys(pairs)
+    assert scores.schema.equals(SCORES_SCHEMA) and traces.schema.equals(TRACES_SCHEMA)
+    assert ranked.schema.equals(RANKED_SCHEMA)
+    assert set(scores["outcome"].to_pylist()) <= {"answered", "forced", "fallback"}
+    assert pc.all(pc.equal(scores["label"], pc.greater_equal(scores["score"], 0.5))).as_py()
+
+
+def test_top_k_keeps_the_tail_in_first_stage_order(local_run):
+    pairs, output, _ = local_run
+    ranked, scores = read_dir(output / "ranked"), read_dir(output / "scores")
+    check_ranked(ranked, scores)
+    tail = ranked.filter(pc.is_null(ranked["score"]))
+    assert tail.num_rows == 4 * 4 and min(tail["rank"].to_pylist()) == 7
+
+
+def test_manifest_counts_add_up(local_run):
+    pairs, output, manifest = local_run
+    on_disk = json.loads((output / "_manifest.json").read_text())
+    assert on_disk == manifest
+    counts = manifest["counts"]
+    assert counts["input"] == pairs.num_rows == counts["scored"] + counts["rejected"] + counts["unscored"]
+    assert sum(counts["outcomes"].values()) == counts["scored"] == 24
+    assert manifest["job"]["run"]["top_k"] == 6 and manifest["pairs_per_second"] > 0
+
+
+def test_run_trec_matches_ranked(local_run):
+    _, output, _ = local_run
+    ranked = read_dir(output / "ranked")
+    lines = [line.split() for line in (output / "run.trec").read_text().splitlines()]
+    assert len(lines) == ranked.num_rows
+    for query_id in set(ranked["query_id"].to_pylist()):
+        mine = [line for line in lines if line[0] == query_id]
+        by_score = [line[2] for line in sorted(mine, key=lambda line: -float(line[4]))]
+        expected = ranked.filter(pc.equal(ranked["query_id"], query_id)).sort_by("rank")["doc_id"].to_pylist()
+        assert by_score == expected
+
+
+def test_missing_column_fails_before_any_engine_starts(tmp_path):
+    pairs = candidate_lists(queries=1, per_query=3, seed=1).drop_columns(["text"])
+    write_shards(pairs, tmp_path / "input", shards=1)
+    job = tiny_job(input=[str(tmp_path / "input")], output=str(tmp_path / "output"))
+    with pytest.raises(InputError, match=r"pairs-0\.parquet: missing required column\(s\) text"):
+        run(job, show_progress=False)
+    assert not (tmp_path / "output").exists()
+
+
+def test_column_mapping_and_integer_ids(ray_session, tmp_path):
+    pairs = candidate_lists(queries=2, per_query=3, seed=5)
+    renamed = pairs.rename_columns(["qid" if n == "query_id" else "passage" if n == "text" else n for n in pairs.column_names])
+    renamed = renamed.set_column(0, "qid", pa.array(range(renamed.num_rows), pa.int64()))
+    write_shards(renamed, tmp_path / "input", shards=1)
+    job = tiny_job(input=[str(tmp_path / "input")], output=str(tmp_path / "output"),
+                   columns={"query_id": "qid", "text": "passage"}, trec_run=False, write_traces=False)
+    manifest = run(job, show_progress=False)
+    scores = read_dir(tmp_path / "output" / "scores")
+    assert sorted(scores["query_id"].to_pylist(), key=int) == [str(i) for i in range(6)]
+    assert manifest["counts"]["scored"] == 6
+    assert not (tmp_path / "output" / "traces").exists() and not (tmp_path / "output" / "run.trec").exists()
+
+
+def test_s3_to_s3(ray_session, s3_endpoint, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="pairs")
+    pairs = candidate_lists(queries=3, per_query=4, seed=3)
+    write_shards(pairs, tmp_path / "input", shards=2)
+    for shard in sorted((tmp_path / "input").iterdir()):
+        s3.upload_file(str(shard), "pairs", f"in/{shard.name}")
+    job = tiny_job(input=["s3://pairs/in/"], output="s3://pairs/out", s3_endpoint_url=s3_endpoint)
+    manifest = run(job, show_progress=False)
+
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket="pairs", Prefix="out/")["Contents"]]
+    assert "out/_manifest.json" in keys and "out/run.trec" in keys
+    for directory in ("scores", "traces", "ranked"):
+        tables = []
+        for key in (k for k in keys if k.startswith(f"out/{directory}/")):
+            body = s3.get_object(Bucket="pairs", Key=key)["Body"].read()
+            tables.append(pq.read_table(pa.BufferReader(body)))
+        assert pair_keys(pa.concat_tables(tables)) == pair_keys(pairs)
+    assert manifest["counts"]["scored"] == pairs.num_rows
+    assert json.loads(s3.get_object(Bucket="pairs", Key="out/_manifest.json")["Body"].read()) == manifest
