@@ -49,6 +49,9 @@ def run_options(command):
                      help="Map an input column onto the contract, e.g. text=passage; repeatable."),
         click.option("--top-k", type=int, help="Rerank each query's k best candidates by first-stage rank."),
         click.option("--traces/--no-traces", "write_traces", default=None, help="Write reasoning traces."),
+        click.option("--labels/--no-labels", default=None, help="Write relevance labels to labels/."),
+        click.option("--answered-only/--all-outcomes", "labels_answered_only", default=None,
+                     help="Leave out of labels/ the pairs whose outcome is not `answered`."),
         click.option("--trec-run/--no-trec-run", default=None, help="Write run.trec."),
         click.option("--run-tag", help="Tag in run.trec."),
         click.option("--engines", type=int, help="Number of engines (actors)."),
@@ -154,6 +157,23 @@ def demo(output):
         f"  python -c \"import pyarrow.parquet as pq; print(pq.read_table('{job.run.output}/ranked').to_pandas().head(20))\"\n"
         f"  head {job.run.output}/run.trec"
     )
+
+
+@main.command("trec-run")
+@click.argument("output")
+@click.option("--tag", default="rank1", show_default=True, help="Run tag (last column).")
+@click.option("--to", "target", type=click.File("w"), default="-", help="File to write (default: stdout).")
+def trec_run_command(output, tag, target):
+    """Write the TREC run of a finished run's ranked/ (also written as run.trec by `run`)."""
+    from .config import RunConfig
+    from .outputs import trec_run
+    from .schema import RANKED_SCHEMA
+    from .storage import Output
+
+    ranked = Output(output, RunConfig()).read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA)
+    if not ranked.num_rows:
+        raise click.UsageError(f"{output}: no ranked/ to export (is it a finished rank1-batch output?)")
+    target.write(trec_run(ranked, tag))
 
 
 main.add_command(prepare_command)

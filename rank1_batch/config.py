@@ -58,6 +58,8 @@ class RunConfig:
     columns: dict[str, str] = field(default_factory=dict)
     top_k: int | None = None
     write_traces: bool = True
+    labels: bool = False
+    labels_answered_only: bool = False
     trec_run: bool = True
     run_tag: str = "rank1"
     engines: int | None = 1

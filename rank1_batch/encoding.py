@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +27,13 @@ class EncodedPrompt:
 def load_tokenizer(engine: EngineConfig) -> Any:
     from transformers import AutoTokenizer
 
+    # Passages are encoded whole before they are fitted to max_model_len, so the tokenizer's
+    # own length limit (and its warning) does not apply.
     return AutoTokenizer.from_pretrained(
-        engine.model_path, revision=engine.revision, trust_remote_code=engine.trust_remote_code
+        engine.model_path,
+        revision=engine.revision,
+        trust_remote_code=engine.trust_remote_code,
+        model_max_length=sys.maxsize,
     )
 
 

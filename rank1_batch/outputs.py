@@ -73,15 +73,17 @@ def counts(output: Output, input_rows: int) -> dict:
     }
 
 
-def write_manifest(output: Output, job: JobConfig, run_counts: dict, wall_seconds: float) -> dict:
+def write_manifest(output: Output, job: JobConfig, run_counts: dict, scored_now: int, wall_seconds: float) -> dict:
+    """The manifest, written last. A resumed run's speed counts only the pairs it scored itself."""
     manifest = {
         "job": job.to_dict(),
         "model": job.engine.model,
         "revision": job.engine.revision,
         "versions": versions(),
         "counts": run_counts,
+        "scored_this_run": scored_now,
         "wall_seconds": round(wall_seconds, 3),
-        "pairs_per_second": round(run_counts["scored"] / wall_seconds, 3) if wall_seconds > 0 else None,
+        "pairs_per_second": round(scored_now / wall_seconds, 3),
     }
     output.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest

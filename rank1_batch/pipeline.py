@@ -19,6 +19,12 @@ from .resources import actor_pool_size, engine_resources, uses_gpus
 from .schema import InputError, missing_columns, source_columns
 from .storage import Output, Shard, list_input_files, read_footer, url_of
 
+# Building prompts is light next to generation, and writing waits on storage: neither needs a
+# whole core. A request unlike the engine actors' also keeps Ray from fusing prompt building
+# into them, where it would hold up the engine.
+PREPARE_CPUS = 0.5
+WRITE_CPUS = 0.25
+
 
 def inspect_inputs(job: JobConfig) -> tuple[object, list[Shard]]:
     """Every input file's footer, checked against the contract before any engine starts."""
@@ -60,7 +66,10 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         file_extensions=None,
     )
     prompts = pairs.map_batches(
-        stages.prepare, fn_kwargs={"job": job, "output": output, "done": done}, batch_format="pyarrow", batch_size=None
+        stages.prepare, fn_kwargs={"job": job, "output": output, "done": done},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=PREPARE_CPUS,
     )
     scored = prompts.map_batches(
         stages.ScorePairs,
@@ -75,19 +84,25 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         ),
     )
     written = scored.map_batches(
-        stages.write_results, fn_kwargs={"job": job, "output": output}, batch_format="pyarrow", batch_size=None
+        stages.write_results,
+        fn_kwargs={"job": job, "output": output},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=WRITE_CPUS,
     )
-    follow(written, sum(shard.rows for shard in shards) - done.num_rows, show_progress)
+    to_do = sum(shard.rows for shard in shards) - done.num_rows
+    scored_now = follow(written, to_do, show_progress) if to_do > 0 else 0
 
     ranked = write_ranked(output)
     if job.run.trec_run:
         output.write_bytes("run.trec", trec_run(ranked, job.run.run_tag).encode())
     run_counts = counts(output, sum(shard.rows for shard in shards))
-    return write_manifest(output, job, run_counts, time.monotonic() - started)
+    return write_manifest(output, job, run_counts, scored_now, time.monotonic() - started)
 
 
-def follow(written, total: int, show_progress: bool) -> None:
-    """Drive the dataset to the end, showing pairs done and outcomes as batches are written."""
+def follow(written, total: int, show_progress: bool) -> int:
+    """Drive the dataset to the end, showing pairs done and outcomes as batches are written;
+    return how many pairs were scored."""
     outcomes = dict.fromkeys(stages.OUTCOMES, 0)
     with tqdm(total=total, unit="pair", desc="scoring", disable=not show_progress, dynamic_ncols=True) as bar:
         for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -96,3 +111,4 @@ def follow(written, total: int, show_progress: bool) -> None:
                 for outcome in outcomes:
                     outcomes[outcome] += row[outcome]
                 bar.set_postfix(outcomes, refresh=False)
+    return sum(outcomes.values())

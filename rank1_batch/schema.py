@@ -46,6 +46,19 @@ RANKED_SCHEMA = pa.schema(
         ("first_stage_rank", pa.int64()),
     ]
 )
+LABELS_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("query", pa.string()),
+        ("text", pa.string()),
+        ("label", pa.bool_()),
+        ("confidence", pa.float64()),
+        ("rationale", pa.string()),
+        ("outcome", pa.string()),
+        ("model", pa.string()),
+    ]
+)
 REASON = "reason"
 
 
@@ -94,3 +107,15 @@ def split_rejects(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
 def count_values(values: pa.Array | pa.ChunkedArray) -> dict:
     """How often each value occurs, as a plain dict."""
     return {entry["values"]: entry["counts"] for entry in pc.value_counts(values).to_pylist()}
+
+
+def relevance_labels(scored: pa.Table, model: str, answered_only: bool) -> pa.Table:
+    """Labels with the reasoning as rationale. `confidence` is the probability of the label given:
+    the score for a true label, one minus it for a false one."""
+    if answered_only:
+        scored = scored.filter(pc.equal(scored["outcome"], "answered"))
+    confidence = pc.if_else(scored["label"], scored["score"], pc.subtract(1.0, scored["score"]))
+    labels = scored.append_column("confidence", confidence).append_column(
+        "model", pa.array([model] * scored.num_rows, pa.string())
+    )
+    return conform(labels.rename_columns(["rationale" if n == "reasoning" else n for n in labels.column_names]), LABELS_SCHEMA)

@@ -11,21 +11,36 @@ import pyarrow.compute as pc
 from .config import JobConfig
 from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong
 from .ranking import top_k_mask
-from .schema import REASON, SCORES_SCHEMA, TRACES_SCHEMA, conform, count_values, split_rejects, to_contract
+from .schema import (
+    REASON,
+    SCORES_SCHEMA,
+    TRACES_SCHEMA,
+    conform,
+    count_values,
+    relevance_labels,
+    split_rejects,
+    to_contract,
+)
 from .storage import Output, content_name
 
-PASSTHROUGH = ("query_id", "doc_id", "first_stage_rank", "first_stage_score")
+IDS = ("query_id", "doc_id", "first_stage_rank", "first_stage_score")
+# The texts ride along to the writer, which needs them for relevance labels.
+PASSTHROUGH = (*IDS, "query", "text")
 PROMPTS_SCHEMA = pa.schema(
     [
-        *(SCORES_SCHEMA.field(name) for name in PASSTHROUGH),
+        *(SCORES_SCHEMA.field(name) for name in IDS),
+        ("query", pa.string()),
+        ("text", pa.string()),
         # null for a pair set aside here (rejected, or outside the top k): it is only counted later
         ("prompt_token_ids", pa.list_(pa.int32())),
         ("truncated", pa.bool_()),
     ]
 )
-UNSCORED_SCHEMA = pa.schema([SCORES_SCHEMA.field(name) for name in PASSTHROUGH])
-# Scores with the reasoning beside them, as the score stage hands them to the writer.
-SCORED_SCHEMA = pa.schema([*SCORES_SCHEMA, TRACES_SCHEMA.field("reasoning")])
+UNSCORED_SCHEMA = pa.schema([SCORES_SCHEMA.field(name) for name in IDS])
+# Scores with the reasoning and texts beside them, as the score stage hands them to the writer.
+SCORED_SCHEMA = pa.schema(
+    [*SCORES_SCHEMA, TRACES_SCHEMA.field("reasoning"), PROMPTS_SCHEMA.field("query"), PROMPTS_SCHEMA.field("text")]
+)
 OUTCOMES = ("answered", "forced", "fallback")
 
 _encoders: dict[str, PromptEncoder] = {}
@@ -108,6 +123,8 @@ def write_results(batch: pa.Table, job: JobConfig, output: Output) -> pa.Table:
         name = content_name(scored["query_id"], scored["doc_id"])
         if job.run.write_traces:
             output.write_table("traces", name, scored.select(TRACES_SCHEMA.names).cast(TRACES_SCHEMA))
+        if job.run.labels:
+            output.write_table("labels", name, relevance_labels(scored, job.engine.model, job.run.labels_answered_only))
         output.write_table("scores", name, scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA))
     counts = {"pairs": batch.num_rows, "scored": scored.num_rows}
     counts.update({outcome: 0 for outcome in OUTCOMES})

@@ -1,0 +1,97 @@
+"""What a scorer actor asks Ray for, by device and tensor-parallel size."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from rank1_batch.config import RunConfig
+from rank1_batch.resources import (
+    PLACEMENT_STRATEGY,
+    actor_pool_size,
+    engine_bundles,
+    engine_overrides,
+    engine_placement,
+    engine_resources,
+    uses_gpus,
+)
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_cpu_only_engines_ask_for_cpus_only(tensor_parallel_size):
+    assert engine_resources(tensor_parallel_size, 2.0, gpus=False) == {"num_cpus": 2.0, "num_gpus": 0}
+    assert engine_overrides(tensor_parallel_size, gpus=False) == {}
+
+
+def test_single_gpu_engine_holds_its_gpu():
+    assert engine_resources(1, 4, gpus=True) == {"num_cpus": 4, "num_gpus": 1}
+    assert engine_overrides(1, gpus=True) == {}
+
+
+def test_multi_gpu_engine_gets_a_placement_group_on_one_node():
+    resources = engine_resources(2, 4, gpus=True)
+    # The actor holds no GPU: vLLM's workers take them from the group's bundles.
+    assert resources["num_gpus"] == 0 and resources["num_cpus"] == 4
+    make_placement = resources["ray_remote_args_fn"]
+    assert make_placement.func is engine_placement
+    assert make_placement.args == ([{"CPU": 4, "GPU": 1}, {"GPU": 1}],)
+    assert PLACEMENT_STRATEGY == "STRICT_PACK"
+    pickle.dumps(make_placement)  # Ray Data may ship the plan
+    assert engine_overrides(2, gpus=True) == {"distributed_executor_backend": "ray"}
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2, 4, 8])
+def test_bundles_hold_one_gpu_per_rank_and_the_actor_cpus_once(tensor_parallel_size):
+    bundles = engine_bundles(tensor_parallel_size, 3)
+    assert len(bundles) == tensor_parallel_size
+    assert all(bundle["GPU"] == 1 for bundle in bundles)  # vLLM rejects bundles with more
+    assert sum(bundle.get("CPU", 0) for bundle in bundles) == 3 == bundles[0]["CPU"]
+
+
+def test_bundles_without_cpus_ask_for_none():
+    assert engine_bundles(2, 0) == [{"GPU": 1}, {"GPU": 1}]
+
+
+def test_tensor_parallel_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="tensor-parallel-size"):
+        engine_resources(0, 1, gpus=True)
+
+
+def test_placement_group_is_made_by_ray(ray_session):
+    """The function Ray Data calls before starting each actor, on a real (GPU-less) Ray: the group
+    stays pending there, which is enough to read back what was asked."""
+    import ray
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = engine_resources(2, 1, gpus=True)["ray_remote_args_fn"]()["scheduling_strategy"]
+    try:
+        assert isinstance(strategy, PlacementGroupSchedulingStrategy)
+        assert strategy.placement_group_capture_child_tasks
+        table = placement_group_table(strategy.placement_group)
+        assert table["strategy"] == "STRICT_PACK"
+        assert list(table["bundles"].values()) == [{"CPU": 1.0, "GPU": 1.0}, {"GPU": 1.0}]
+    finally:
+        remove_placement_group(strategy.placement_group)
+    assert ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "device, cluster_gpus, expected",
+    [("auto", 0, False), ("auto", 4, True), ("gpu", 0, True), ("cpu", 4, False)],
+)
+def test_device_choice(device, cluster_gpus, expected):
+    assert uses_gpus(device, cluster_gpus) is expected
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(ValueError, match="--device"):
+        uses_gpus("tpu", 0)
+
+
+def test_actor_pool_is_fixed_or_autoscaling():
+    assert actor_pool_size(RunConfig(engines=3)) == {"size": 3}
+    assert actor_pool_size(RunConfig(min_engines=1, max_engines=8)) == {"min_size": 1, "max_size": 8}
+    with pytest.raises(ValueError, match="--min-engines"):
+        actor_pool_size(RunConfig(min_engines=4, max_engines=2))
