@@ -3,17 +3,20 @@
 A pair is done once a `scores/` file holding it is committed (an object upload completes, or a
 local file is renamed into place); traces are written first, so a trace file without its scores
 file is an orphan of a killed run and is removed. A re-run skips every pair already in
-`scores/`, `rejects/` or `unscored/`, so nothing is scored or written twice.
+`scores/` or `unscored/` and every input row already in `rejects/` (known by its row hash, as a
+rejected row may have no usable ids), so nothing is scored or written twice.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from .config import JobConfig
 from .outputs import MANIFEST
+from .schema import ROW_HASH
 from .storage import Output
 
 JOB_FILE = "_job.json"
@@ -48,8 +51,16 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def open_output(output: Output, job: JobConfig) -> pa.Table:
-    """Claim the output for this job and return the (query_id, doc_id) keys already done.
+@dataclass(frozen=True)
+class Done:
+    """What an output already holds."""
+
+    keys: pa.Table  # (query_id, doc_id) of pairs scored, or set aside beyond the top k
+    rejected_rows: pa.Array  # row_hash of input rows already in rejects/
+
+
+def open_output(output: Output, job: JobConfig) -> Done:
+    """Claim the output for this job and return what it already holds.
 
     An output made with another configuration is refused unless `overwrite` is set, in which
     case it is emptied first.
@@ -70,8 +81,9 @@ def open_output(output: Output, job: JobConfig) -> pa.Table:
         output.fs.rm(output.path(MANIFEST))
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())
     _remove_orphan_traces(output)
-    done = [output.read(directory, KEY_SCHEMA.names, KEY_SCHEMA) for directory in ("scores", "rejects", "unscored")]
-    return pa.concat_tables([table.cast(KEY_SCHEMA) for table in done])
+    keys = [output.read(directory, KEY_SCHEMA.names, KEY_SCHEMA) for directory in ("scores", "unscored")]
+    rejected = output.read("rejects", [ROW_HASH], pa.schema([(ROW_HASH, pa.uint64())]))
+    return Done(pa.concat_tables(keys), rejected[ROW_HASH].combine_chunks())
 
 
 def _remove_orphan_traces(output: Output) -> None:

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import click
 
+from .checkpoint import ConfigurationChanged
 from .config import JobConfig, load_options
 from .evaluate import eval_command
 from .prepare import prepare_command
+from .schema import InputError
+from .stages import EngineStartError
 
 SAMPLE = Path(__file__).parent / "assets" / "sample"
+# Errors whose own message says what is wrong and where.
+JOB_ERRORS = (InputError, ConfigurationChanged, EngineStartError, FileNotFoundError)
 
 
 def engine_options(command):
@@ -117,8 +122,32 @@ def run(config_path, **given):
     job = job_config(config_path, given)
     if not job.run.input or not job.run.output:
         raise click.UsageError("--input and --output are required (on the command line or in --config)")
-    manifest = run_job(job)
+    manifest = report_errors(run_job, job)
     click.echo(summary_line(manifest, job.run.output))
+
+
+def report_errors(function, *arguments):
+    """Run, turning a failure into one clear message rather than Ray's wrapped tracebacks."""
+    try:
+        return function(*arguments)
+    except Exception as error:
+        raise click.ClickException(describe(error)) from error
+
+
+def describe(error: BaseException) -> str:
+    """The message of our own error in the chain of causes, else of the innermost cause."""
+    chain = [error]
+    while len(chain) < 20 and (getattr(chain[-1], "cause", None) or chain[-1].__cause__) is not None:
+        chain.append(getattr(chain[-1], "cause", None) or chain[-1].__cause__)
+    for cause in chain:
+        if isinstance(cause, JOB_ERRORS):
+            return str(cause)
+    # An actor that died in its constructor reaches the driver only as text with a traceback.
+    text = str(error)
+    for kind in JOB_ERRORS:
+        if f"{kind.__name__}: " in text:
+            return text.rsplit(f"{kind.__name__}: ", 1)[1].strip()
+    return f"{type(chain[-1]).__name__}: {chain[-1]}"
 
 
 def summary_line(manifest: dict, output: str) -> str:
@@ -149,7 +178,7 @@ def demo(output):
             "enforce_eager": True,
         }
     )
-    manifest = run_job(job)
+    manifest = report_errors(run_job, job)
     click.echo(summary_line(manifest, job.run.output))
     click.echo(
         f"\nOutputs under {job.run.output}: scores/, traces/, ranked/, run.trec, _manifest.json\n"

@@ -10,8 +10,8 @@ import pyarrow.compute as pc
 
 from .config import JobConfig
 from .ranking import rank
-from .schema import RANKED_SCHEMA, SCORES_SCHEMA, count_values
-from .stages import OUTCOMES, UNSCORED_SCHEMA
+from .schema import RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
+from .scoring import OUTCOMES
 from .storage import Output
 
 RANKED_ROWS_PER_FILE = 1_000_000

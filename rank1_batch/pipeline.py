@@ -9,14 +9,17 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from . import stages
-from .checkpoint import open_output
+from .checkpoint import Done, open_output
 from .config import JobConfig
 from .outputs import counts, trec_run, write_manifest, write_ranked
+from .scoring import OUTCOMES
 from .resources import actor_pool_size, engine_resources, uses_gpus
-from .schema import InputError, missing_columns, source_columns
+from .schema import ROW_HASH, InputError, missing_columns, source_columns, to_contract
 from .storage import Output, Shard, list_input_files, read_footer, url_of
 
 # Building prompts is light next to generation, and writing waits on storage: neither needs a
@@ -49,24 +52,56 @@ def connect(job: JobConfig) -> None:
 
 
 def run(job: JobConfig, show_progress: bool = True) -> dict:
-    import ray
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
+    """Run the job to the end and return its manifest. A re-run into the same output resumes."""
     started = time.monotonic()
     fs, shards = inspect_inputs(job)
     output = Output(job.run.output, job.run)
     done = open_output(output, job)
     connect(job)
-    columns = set.intersection(*(set(source_columns(shard.columns, job.run.columns)) for shard in shards))
 
-    pairs = ray.data.read_parquet(
-        [shard.path for shard in shards],
-        filesystem=PyFileSystem(FSSpecHandler(fs)),
-        columns=sorted(columns),
-        file_extensions=None,
-    )
+    duplicates = find_duplicates(read(fs, shards, job, keys_only=True), job.run.columns)
+    written = score_and_write(read(fs, shards, job), job, output, done, duplicates)
+    input_rows = sum(shard.rows for shard in shards)
+    to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
+    scored_now = follow(written, to_do, show_progress) if to_do > 0 else 0
+
+    ranked = write_ranked(output)
+    if job.run.trec_run:
+        output.write_bytes("run.trec", trec_run(ranked, job.run.run_tag).encode())
+    return write_manifest(output, job, counts(output, input_rows), scored_now, time.monotonic() - started)
+
+
+def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
+    """A streaming read of the input shards, each row with its hash, of the columns the contract
+    needs (or only the two key columns). Shards are read in groups of equal columns, so an optional
+    column that only some shards have is kept where it exists."""
+    import ray
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for shard in shards:
+        columns = key_columns(job) if keys_only else source_columns(shard.columns, job.run.columns)
+        groups.setdefault(tuple(columns), []).append(shard.path)
+    datasets = [
+        ray.data.read_parquet(
+            paths,
+            filesystem=PyFileSystem(FSSpecHandler(fs)),
+            columns=list(columns),
+            file_extensions=None,
+            include_row_hash=True,
+        )
+        for columns, paths in groups.items()
+    ]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def score_and_write(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table):
+    """prepare (CPU tasks) -> score (actor pool, one engine each) -> write (I/O tasks)."""
+    import ray
+
     prompts = pairs.map_batches(
-        stages.prepare, fn_kwargs={"job": job, "output": output, "done": done},
+        stages.prepare,
+        fn_kwargs={"job": job, "output": output, "done": done, "duplicates": duplicates},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=PREPARE_CPUS,
@@ -83,27 +118,39 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
             uses_gpus(job.run.device, ray.cluster_resources().get("GPU", 0)),
         ),
     )
-    written = scored.map_batches(
+    return scored.map_batches(
         stages.write_results,
         fn_kwargs={"job": job, "output": output},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=WRITE_CPUS,
     )
-    to_do = sum(shard.rows for shard in shards) - done.num_rows
-    scored_now = follow(written, to_do, show_progress) if to_do > 0 else 0
 
-    ranked = write_ranked(output)
-    if job.run.trec_run:
-        output.write_bytes("run.trec", trec_run(ranked, job.run.run_tag).encode())
-    run_counts = counts(output, sum(shard.rows for shard in shards))
-    return write_manifest(output, job, run_counts, scored_now, time.monotonic() - started)
+
+def key_columns(job: JobConfig) -> list[str]:
+    return [job.run.columns.get(name, name) for name in ("query_id", "doc_id")]
+
+
+def find_duplicates(keys, columns: dict[str, str]) -> pa.Table:
+    """Each (query_id, doc_id) that occurs more than once, with the row to keep: the one with the
+    lowest row hash, which is the same on every read, so a re-run keeps the same row.
+
+    Only the two key columns are read; they are gathered on the driver (about 40 bytes a pair).
+    """
+    batches = keys.iter_batches(batch_format="pyarrow", batch_size=None)
+    table = pa.concat_tables(
+        [to_contract(batch, columns).select(["query_id", "doc_id", ROW_HASH]) for batch in batches]
+        or [pa.table({"query_id": pa.array([], pa.string()), "doc_id": pa.array([], pa.string()), ROW_HASH: pa.array([], pa.uint64())})]
+    )
+    counted = table.group_by(["query_id", "doc_id"]).aggregate([(ROW_HASH, "count"), (ROW_HASH, "min")])
+    repeated = counted.filter(pc.greater(counted[f"{ROW_HASH}_count"], 1))
+    return repeated.select(["query_id", "doc_id", f"{ROW_HASH}_min"]).rename_columns(["query_id", "doc_id", "keep_row_hash"])
 
 
 def follow(written, total: int, show_progress: bool) -> int:
     """Drive the dataset to the end, showing pairs done and outcomes as batches are written;
     return how many pairs were scored."""
-    outcomes = dict.fromkeys(stages.OUTCOMES, 0)
+    outcomes = dict.fromkeys(OUTCOMES, 0)
     with tqdm(total=total, unit="pair", desc="scoring", disable=not show_progress, dynamic_ncols=True) as bar:
         for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():

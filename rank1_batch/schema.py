@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -36,6 +37,7 @@ SCORES_SCHEMA = pa.schema(
         ("first_stage_score", pa.float64()),
     ]
 )
+UNSCORED_SCHEMA = pa.schema([SCORES_SCHEMA.field(name) for name in ("query_id", "doc_id", "first_stage_rank", "first_stage_score")])
 TRACES_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("reasoning", pa.string())])
 RANKED_SCHEMA = pa.schema(
     [
@@ -60,6 +62,8 @@ LABELS_SCHEMA = pa.schema(
     ]
 )
 REASON = "reason"
+# Ray's hash of an input row's file and position: the row's identity across re-runs.
+ROW_HASH = "row_hash"
 
 
 class InputError(ValueError):
@@ -78,9 +82,50 @@ def source_columns(names: list[str], columns: dict[str, str] | None = None) -> l
 
 
 def to_contract(batch: pa.Table, columns: dict[str, str] | None = None) -> pa.Table:
-    """Rename mapped columns, cast to the contract's types, and add absent optional columns as nulls."""
+    """Rename mapped columns, cast to the contract's types, and add absent optional columns as
+    nulls. Text that is not valid UTF-8 is decoded with replacement characters, and its row gets
+    a `reason`, so the row can still be written to rejects/."""
     renamed = {source: target for target, source in (columns or {}).items()}
-    return conform(batch.rename_columns([renamed.get(name, name) for name in batch.column_names]), INPUT_SCHEMA)
+    batch = batch.rename_columns([renamed.get(name, name) for name in batch.column_names])
+    reasons = pa.nulls(batch.num_rows, pa.string())
+    for field in INPUT_SCHEMA:
+        if field.name in batch.column_names and pa.types.is_string(field.type):
+            values, invalid = _decode(batch[field.name])
+            batch = batch.set_column(batch.column_names.index(field.name), field.name, values)
+            reasons = _first_reason(reasons, invalid, f"{field.name} is not valid UTF-8")
+    contract = conform(batch, INPUT_SCHEMA)
+    if ROW_HASH in batch.column_names:
+        contract = contract.append_column(ROW_HASH, batch[ROW_HASH])
+    return contract.append_column(REASON, reasons)
+
+
+def _decode(values: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """Strings, and which of them were not valid UTF-8 (those come back with U+FFFD in them)."""
+    if not (pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type) or _is_string(values.type)):
+        return values.combine_chunks(), pa.array([False] * len(values))
+    raw = values.combine_chunks()
+    if _is_string(raw.type):
+        try:
+            raw.validate(full=True)
+            return raw, pa.array([False] * len(raw))
+        except pa.ArrowInvalid:
+            pass
+    as_bytes = raw.view(pa.large_binary() if pa.types.is_large_string(raw.type) else pa.binary()) if _is_string(raw.type) else raw
+    decoded, invalid = [], []
+    for item in as_bytes.to_pylist():
+        text = None if item is None else item.decode("utf-8", errors="replace")
+        decoded.append(text)
+        invalid.append(item is not None and text.encode("utf-8") != item)
+    return pa.array(decoded, pa.string()), pa.array(invalid)
+
+
+def _is_string(data_type: pa.DataType) -> bool:
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
+def _first_reason(reasons: pa.Array, rows: pa.Array, reason: str) -> pa.Array:
+    """Give `reason` to the rows selected that have none yet."""
+    return pc.if_else(pc.and_(pc.is_null(reasons), pc.fill_null(rows, False)), reason, reasons)
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -92,16 +137,34 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def split_rejects(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Rows that can be scored, and the others with a `reason`."""
-    reasons = pa.array([None] * batch.num_rows, pa.string())
+def split_rejects(pairs: pa.Table, duplicates: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
+    """Rows that can be scored, and the others with their `reason` column filled.
+
+    `duplicates` lists each (query_id, doc_id) that occurs more than once in the input, with the
+    `row_hash` of the one occurrence that is kept.
+    """
+    reasons = pairs[REASON].combine_chunks()
     for column in REQUIRED_COLUMNS:
-        values = batch[column]
+        values = pairs[column]
         empty = pc.or_kleene(pc.is_null(values), pc.equal(pc.utf8_trim_whitespace(values), ""))
-        empty = pc.fill_null(empty, True)
-        reasons = pc.if_else(pc.and_(pc.is_null(reasons), empty), f"{column} is null or empty", reasons)
+        reasons = _first_reason(reasons, empty, f"{column} is null or empty")
+    if duplicates is not None and duplicates.num_rows:
+        reasons = _first_reason(reasons, _later_occurrence(pairs, duplicates), "duplicate (query_id, doc_id): scored once")
     rejected = pc.is_valid(reasons)
-    return batch.filter(pc.invert(rejected)), batch.filter(rejected).append_column(REASON, reasons.filter(rejected))
+    pairs = pairs.set_column(pairs.column_names.index(REASON), REASON, reasons)
+    return pairs.filter(pc.invert(rejected)), pairs.filter(rejected)
+
+
+def _later_occurrence(pairs: pa.Table, duplicates: pa.Table) -> pa.Array:
+    """Which rows repeat a (query_id, doc_id) whose kept occurrence is another row."""
+    indexed = pairs.select(["query_id", "doc_id", "row_hash"]).append_column(
+        "_position", pa.array(range(pairs.num_rows), pa.int64())
+    )
+    joined = indexed.join(duplicates, keys=["query_id", "doc_id"], join_type="inner")
+    later = joined.filter(pc.not_equal(joined["row_hash"], joined["keep_row_hash"]))["_position"]
+    mask = np.zeros(pairs.num_rows, bool)
+    mask[later.to_numpy()] = True
+    return pa.array(mask)
 
 
 def count_values(values: pa.Array | pa.ChunkedArray) -> dict:

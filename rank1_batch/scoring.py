@@ -15,6 +15,9 @@ class Outcome(str, Enum):
     FALLBACK = "fallback"  # no label could be read; the pair scores 0.5
 
 
+OUTCOMES = tuple(outcome.value for outcome in Outcome)
+
+
 def score_from_logprobs(logprob_true: float, logprob_false: float) -> float:
     """P(true) against P(false): exp(lt) / (exp(lt) + exp(lf)), computed without overflow."""
     diff = logprob_true - logprob_false

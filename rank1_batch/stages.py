@@ -9,12 +9,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import JobConfig
+from .checkpoint import Done
 from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong
 from .ranking import top_k_mask
+from .scoring import OUTCOMES
 from .schema import (
     REASON,
+    ROW_HASH,
     SCORES_SCHEMA,
     TRACES_SCHEMA,
+    UNSCORED_SCHEMA,
     conform,
     count_values,
     relevance_labels,
@@ -36,12 +40,10 @@ PROMPTS_SCHEMA = pa.schema(
         ("truncated", pa.bool_()),
     ]
 )
-UNSCORED_SCHEMA = pa.schema([SCORES_SCHEMA.field(name) for name in IDS])
 # Scores with the reasoning and texts beside them, as the score stage hands them to the writer.
 SCORED_SCHEMA = pa.schema(
     [*SCORES_SCHEMA, TRACES_SCHEMA.field("reasoning"), PROMPTS_SCHEMA.field("query"), PROMPTS_SCHEMA.field("text")]
 )
-OUTCOMES = ("answered", "forced", "fallback")
 
 _encoders: dict[str, PromptEncoder] = {}
 
@@ -54,41 +56,49 @@ def _encoder(job: JobConfig) -> PromptEncoder:
     return _encoders[key]
 
 
-def prepare(batch: pa.Table, job: JobConfig, output: Output, done: pa.Table) -> pa.Table:
-    """Skip pairs already done, validate rows, keep the top k, and build each prompt; rows set
-    aside (rejected, or beyond the top k) are written here."""
+def prepare(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table) -> pa.Table:
+    """Skip work already done, validate rows, keep the top k, and build each prompt. Rows set
+    aside (rejected, or beyond the top k) are written here and pass on without a prompt, so the
+    progress display can count them."""
     pairs = to_contract(batch, job.run.columns)
-    if done.num_rows:
-        pairs = pairs.join(done, keys=["query_id", "doc_id"], join_type="left anti")
-    pairs, rejects = split_rejects(pairs)
+    pairs = pairs.filter(pc.invert(pc.is_in(pairs[ROW_HASH], done.rejected_rows)))
+    pairs, rejects = split_rejects(pairs, duplicates)
+    pairs = pairs.join(done.keys, keys=["query_id", "doc_id"], join_type="left anti")
     reranked = top_k_mask(pairs["first_stage_rank"], job.run.top_k)
     tail, pairs = pairs.filter(pc.invert(reranked)), pairs.filter(reranked)
 
-    encoder = _encoder(job)
-    prompts: list[list[int] | None] = []
-    truncated: list[bool | None] = []
-    too_long: list[str | None] = []
-    for row in pairs.select(["query", "text", "title", "instruction"]).to_pylist():
-        try:
-            encoded: EncodedPrompt = encoder.encode(row["query"], row["text"], row["title"], row["instruction"])
-        except PromptTooLong as error:
-            prompts.append(None), truncated.append(None), too_long.append(str(error))
-            continue
-        prompts.append(encoded.token_ids), truncated.append(encoded.truncated), too_long.append(None)
-    too_long_mask = pc.is_valid(pa.array(too_long, pa.string()))
-    rejects = pa.concat_tables(
-        [rejects, pairs.filter(too_long_mask).append_column(REASON, pa.array(too_long, pa.string()).filter(too_long_mask))]
-    )
+    prompts, truncated, too_long = _encode(_encoder(job), pairs)
+    pairs = pairs.set_column(pairs.column_names.index(REASON), REASON, too_long)
+    fits = pc.is_null(too_long)
+    rejects = pa.concat_tables([rejects, pairs.filter(pc.invert(fits))])
     if rejects.num_rows:
-        output.write_table("rejects", content_name(rejects["query_id"], rejects["doc_id"]), rejects)
+        output.write_table("rejects", content_name(rejects[ROW_HASH]), rejects)
     if tail.num_rows:
         tail = tail.select(UNSCORED_SCHEMA.names)
         output.write_table("unscored", content_name(tail["query_id"], tail["doc_id"]), tail)
 
-    scored = pairs.select(PASSTHROUGH).append_column("prompt_token_ids", pa.array(prompts, pa.list_(pa.int32())))
-    scored = scored.append_column("truncated", pa.array(truncated, pa.bool_()))
-    set_aside = [conform(rows, PROMPTS_SCHEMA) for rows in (rejects, tail)]
-    return pa.concat_tables([conform(scored.filter(pc.invert(too_long_mask)), PROMPTS_SCHEMA), *set_aside])
+    to_score = pairs.append_column("prompt_token_ids", prompts).append_column("truncated", truncated).filter(fits)
+    return pa.concat_tables([conform(rows, PROMPTS_SCHEMA) for rows in (to_score, rejects, tail)])
+
+
+def _encode(encoder: PromptEncoder, pairs: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Prompt token ids, truncation flags, and for prompts that cannot fit, the reason."""
+    prompts, truncated, too_long = [], [], []
+    for row in pairs.select(["query", "text", "title", "instruction"]).to_pylist():
+        try:
+            encoded = encoder.encode(row["query"], row["text"], row["title"], row["instruction"])
+            prompts.append(encoded.token_ids), truncated.append(encoded.truncated), too_long.append(None)
+        except PromptTooLong as error:
+            prompts.append(None), truncated.append(None), too_long.append(str(error))
+    return (
+        pa.array(prompts, pa.list_(pa.int32())),
+        pa.array(truncated, pa.bool_()),
+        pa.array(too_long, pa.string()),
+    )
+
+
+class EngineStartError(RuntimeError):
+    """vLLM could not start; the message carries the engine's own error."""
 
 
 class ScorePairs:
@@ -97,7 +107,10 @@ class ScorePairs:
     def __init__(self, job: JobConfig):
         from .scorer import Rank1Scorer
 
-        self.scorer = Rank1Scorer(job.engine, job.scoring)
+        try:
+            self.scorer = Rank1Scorer(job.engine, job.scoring)
+        except Exception as error:
+            raise EngineStartError(f"the engine could not start (model {job.engine.model}): {error}") from error
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         to_score = pc.is_valid(batch["prompt_token_ids"])

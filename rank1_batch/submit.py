@@ -33,10 +33,18 @@ from .config import JobConfig
 
 # Never uploaded with --working-dir: environments, VCS data and caches, not code.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info", "demo-output", "output"]
-CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE)
+CREDENTIAL_WORDS = {"secret", "token", "password", "passwd", "credential", "credentials"}
+CREDENTIAL_PAIRS = {("access", "key"), ("private", "key"), ("api", "key")}
 POLL_SECONDS = 2.0
 
 ADDRESS_HELP = "Ray dashboard of the cluster, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)."
+
+
+def is_credential_name(name: str) -> bool:
+    """Whether a variable or key name is one that holds a secret: AWS_SECRET_ACCESS_KEY, HF_TOKEN,
+    secretKeyRef (but not TOKENIZERS_PARALLELISM)."""
+    words = [word.lower() for word in re.findall(r"[A-Z]?[a-z0-9]+|[A-Z0-9]+(?![a-z])", name)]
+    return bool(CREDENTIAL_WORDS & set(words)) or bool(CREDENTIAL_PAIRS & set(zip(words, words[1:])))
 
 
 def entrypoint(job: JobConfig) -> str:
@@ -85,7 +93,7 @@ def runtime_env(base: dict, working_dir: str | None, package: str | None) -> dic
     if package:
         pip = env.get("pip")
         env["pip"] = {**pip, "packages": [package]} if isinstance(pip, dict) else [package]
-    credentials = sorted(name for name in env.get("env_vars", {}) if CREDENTIAL_NAME.search(name))
+    credentials = sorted(filter(is_credential_name, env.get("env_vars", {})))
     if credentials:
         raise click.UsageError(
             f"the runtime env sets {', '.join(credentials)}: credentials reach the workers through their "
@@ -125,6 +133,12 @@ def tail_logs(client, job_id: str) -> None:
     asyncio.run(tail())
 
 
+def outcome(message: str) -> str:
+    """Ray's message about a job, without the tail of its logs that Ray appends when the job
+    failed (`logs` prints those)."""
+    return message.split(", last available logs", 1)[0]
+
+
 def wait_for_end(client, job_id: str):
     while not (info := client.get_job_info(job_id)).status.is_terminal():
         time.sleep(POLL_SECONDS)
@@ -160,7 +174,7 @@ def submit_command(address, working_dir, package, runtime_env_path, job_id, foll
         tail_logs(client, job_id)
         info = wait_for_end(client, job_id)
     if info.status != "SUCCEEDED":
-        raise click.ClickException(f"job {job_id} {info.status}: {info.message}")
+        raise click.ClickException(f"job {job_id} {info.status}: {outcome(info.message)}")
     click.echo(f"job {job_id} SUCCEEDED", err=True)
 
 
@@ -171,7 +185,7 @@ def status_command(job_id, address):
     """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and Ray's message."""
     with job_api(address) as client:
         info = client.get_job_info(job_id)
-    click.echo(f"{info.status}: {info.message}")
+    click.echo(f"{info.status}: {outcome(info.message)}")
 
 
 @click.command("logs")

@@ -46,13 +46,14 @@ COUNTRIES = [
 ATTRIBUTES = {
     "capital": ["Lima", "Quito", "Oslo", "Tokyo", "Cairo", "Nairobi", "Accra", "Hanoi", "Rome", "Madrid"],
     "population": [f"{n} million" for n in range(2, 90, 7)],
-    "official language": ["Spanish", "French", "Arabic", "English", "Swahili", "Greek", "Polish", "Hindi"],
-    "currency": ["peso", "euro", "dollar", "rupee", "yen", "krone", "shilling", "dinar"],
+    "language": ["Spanish", "French", "Arabic", "English", "Swahili", "Greek", "Polish", "Hindi"],
+    "currency": ["the peso", "the euro", "the dollar", "the rupee", "the yen", "the krone", "the dinar"],
     "climate": ["dry", "humid", "cold", "mild", "tropical", "windy"],
-    "flag colour": ["red", "green", "blue", "white", "yellow", "black"],
-    "national animal": ["eagle", "lion", "bear", "jaguar", "condor", "tiger", "wolf", "elephant"],
-    "main export": ["coffee", "copper", "oil", "rice", "wool", "timber", "fish", "cotton"],
+    "area": [f"{n} thousand square kilometres" for n in range(40, 990, 70)],
+    "cuisine": ["rice and beans", "grilled fish", "spicy stew", "flat bread", "corn soup", "lamb"],
+    "anthem": ["Land of Hope", "Our Bright Sun", "The Free River", "Song of the Hills"],
 }
+
 QUERY_TEMPLATES = [
     "what is the {attribute} of {country}",
     "{country} {attribute}",

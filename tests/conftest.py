@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from rank1_batch.config import EngineConfig
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rank1_batch.config import EngineConfig, JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +33,47 @@ def tiny_model_builder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def candidate_lists(queries: int, per_query: int, seed: int) -> pa.Table:
+    """Input rows: queries of the tiny model's world with candidates, from the demo's builder."""
+    spec = importlib.util.spec_from_file_location("build_sample", ROOT / "scripts" / "build_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.candidate_lists(queries, per_query, seed)
+
+
+def write_shards(table: pa.Table, directory: Path, shards: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    size = -(-table.num_rows // shards)
+    for shard in range(shards):
+        pq.write_table(table.slice(shard * size, size), directory / f"pairs-{shard}.parquet")
+
+
+def tiny_job(**options) -> JobConfig:
+    engine = {key: value for key, value in vars(TINY_ENGINE).items() if key != "engine_args"}
+    return JobConfig.from_options({**engine, "max_reasoning_tokens": 64, "batch_size": 64, **options})
+
+
+def tiny_run_options(**options) -> list[str]:
+    """The same job on the command line."""
+    given = {**{k: v for k, v in vars(TINY_ENGINE).items() if k != "engine_args"}, "max_reasoning_tokens": 64, **options}
+    arguments = []
+    for key, value in given.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            arguments.append(flag)
+        elif value not in (None, False):
+            arguments += [flag, str(value)]
+    return arguments
+
+
+def read_dir(path) -> pa.Table:
+    return pq.read_table(str(path))
+
+
+def pair_keys(table: pa.Table) -> list[tuple[str, str]]:
+    return sorted(zip(table["query_id"].to_pylist(), table["doc_id"].to_pylist()))
 
 
 @pytest.fixture(scope="session")

@@ -15,39 +15,7 @@ from rank1_batch.config import JobConfig
 from rank1_batch.pipeline import run
 from rank1_batch.schema import InputError, RANKED_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA
 
-from .conftest import TINY_ENGINE, ROOT
-
-SAMPLE_BUILDER = ROOT / "scripts" / "build_sample.py"
-
-
-def candidate_lists(queries: int, per_query: int, seed: int) -> pa.Table:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build_sample", SAMPLE_BUILDER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.candidate_lists(queries, per_query, seed)
-
-
-def write_shards(table: pa.Table, directory: Path, shards: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    size = -(-table.num_rows // shards)
-    for shard in range(shards):
-        pq.write_table(table.slice(shard * size, size), directory / f"pairs-{shard}.parquet")
-
-
-def tiny_job(**options) -> JobConfig:
-    engine = {key: value for key, value in vars(TINY_ENGINE).items() if key != "engine_args"}
-    return JobConfig.from_options({**engine, "max_reasoning_tokens": 64, "batch_size": 64, **options})
-
-
-def read_dir(path) -> pa.Table:
-    return pq.read_table(str(path))
-
-
-def pair_keys(table: pa.Table) -> list[tuple[str, str]]:
-    return sorted(zip(table["query_id"].to_pylist(), table["doc_id"].to_pylist()))
-
+from .conftest import candidate_lists, pair_keys, read_dir, tiny_job, write_shards
 
 def check_ranked(ranked: pa.Table, scores: pa.Table) -> None:
     """Ranks are 1..n per query, in score order, then first-stage rank, then doc_id."""

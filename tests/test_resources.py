@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -75,6 +79,41 @@ def test_placement_group_is_made_by_ray(ray_session):
     finally:
         remove_placement_group(strategy.placement_group)
     assert ray.is_initialized()
+
+
+# A Ray Data pool of one multi-GPU engine on a Ray with 2 logical GPUs (Ray does not check them
+# against hardware): the actor holds none, and the tasks it starts with one GPU each, as vLLM's Ray
+# executor starts its workers, run inside the actor's group on GPUs 0 and 1.
+MULTI_GPU_POOL = """
+import json, ray, ray.data
+from ray.util import get_current_placement_group
+from rank1_batch.resources import engine_resources
+
+@ray.remote(num_cpus=0, num_gpus=1)
+def rank():
+    return ray.get_gpu_ids()
+
+class Engine:
+    def __init__(self):
+        self.seen = {"bundles": get_current_placement_group().bundle_specs, "actor_gpus": ray.get_gpu_ids(),
+                     "rank_gpus": sorted(ray.get([rank.remote() for _ in range(2)], timeout=120))}
+    def __call__(self, batch):
+        return {"seen": [json.dumps(self.seen)] * len(batch["id"])}
+
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+pool = ray.data.range(2).map_batches(
+    Engine, compute=ray.data.ActorPoolStrategy(size=1), batch_size=2, **engine_resources(2, 1, gpus=True)
+)
+print(pool.take_all()[0]["seen"])
+"""
+
+
+def test_multi_gpu_engine_workers_run_in_the_engine_placement_group():
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    finished = subprocess.run([sys.executable, "-c", MULTI_GPU_POOL], env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    seen = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert seen == {"bundles": [{"CPU": 1.0, "GPU": 1.0}, {"GPU": 1.0}], "actor_gpus": [], "rank_gpus": [[0], [1]]}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,381 @@
+"""A report of a finished run, for people: counts, the score and reasoning-length distributions,
+how far the reranker moved candidates from their first-stage ranks and, given qrels, effectiveness
+against the first stage. Written under report/ in the output: report.md beside the PNGs it links,
+so the folder reads the same wherever it is viewed or copied.
+
+The statistics and the markdown are pure; the plots turn arrays into PNG bytes; only the command
+reads and writes the output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+
+import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, StrMethodFormatter
+
+from .config import RunConfig
+from .evaluate import DEFAULT_METRICS, evaluate, judged_queries, read_qrels, run_from_ranks
+from .outputs import MANIFEST
+from .schema import RANKED_SCHEMA, SCORES_SCHEMA
+from .stages import OUTCOMES
+from .storage import Output
+
+REPORT_DIR = "report"
+REPORT = "report.md"
+SCORE_PLOT = "score-histogram.png"
+OUTCOME_PLOT = "outcomes.png"
+REASONING_PLOT = "reasoning-tokens.png"
+MOVEMENT_PLOT = "rank-movement.png"
+# One colour per outcome in every plot, so that the plots read together.
+OUTCOME_COLOURS = {"answered": "tab:blue", "forced": "tab:orange", "fallback": "tab:gray"}
+# Lengths whose longest is this many times their median are drawn on a log axis.
+LONG_TAIL = 10
+MAX_BINS = 50
+# Cell counts from which the rank grid's colours follow a log scale.
+LOG_COUNTS = 100
+
+
+@dataclass(frozen=True)
+class Spread:
+    pairs: int
+    median: float
+    p90: float
+    longest: int
+
+
+@dataclass(frozen=True)
+class Movement:
+    """How the reranked candidates moved: first-stage rank minus new rank, > 0 is up."""
+
+    candidates: int
+    up: int
+    down: int
+    stayed: int
+    median_move: float  # places, over the candidates that moved
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    queries: int
+    reranked: dict[str, float]
+    first_stage: dict[str, float]  # empty when the input had no first-stage ranks
+
+
+@dataclass(frozen=True)
+class Summary:
+    labelled: int  # scored pairs at or above the threshold
+    reasoning: dict[str, Spread]  # "all", then each outcome present
+    at_budget: int  # pairs whose reasoning used the whole budget
+    movement: Movement | None  # None when no scored candidate has a first-stage rank
+    evaluation: Evaluation | None  # None without qrels
+
+
+def by_outcome(scores: pa.Table, column: str) -> dict[str, np.ndarray]:
+    """A column's values for each outcome present, in the order of OUTCOMES."""
+    outcomes = scores["outcome"].to_numpy(zero_copy_only=False)
+    values = scores[column].to_numpy()
+    return {outcome: values[outcomes == outcome] for outcome in OUTCOMES if (outcomes == outcome).any()}
+
+
+def spread(values: np.ndarray) -> Spread:
+    return Spread(int(values.size), float(np.median(values)), float(np.percentile(values, 90)), int(values.max()))
+
+
+def reranked_ranks(ranked: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """First-stage and new ranks of the scored candidates that have both. Candidates beyond
+    --top-k keep their first-stage order below the reranked ones, so they would only dilute it."""
+    rows = ranked.filter(pc.and_(pc.is_valid(ranked["score"]), pc.is_valid(ranked["first_stage_rank"])))
+    return rows["first_stage_rank"].to_numpy().astype(np.int64), rows["rank"].to_numpy().astype(np.int64)
+
+
+def movement(first_stage: np.ndarray, new: np.ndarray) -> Movement:
+    shift = first_stage - new
+    moved = np.abs(shift[shift != 0])
+    return Movement(
+        candidates=int(shift.size),
+        up=int((shift > 0).sum()),
+        down=int((shift < 0).sum()),
+        stayed=int((shift == 0).sum()),
+        median_move=float(np.median(moved)) if moved.size else 0.0,
+    )
+
+
+def evaluation(ranked: pa.Table, qrels: dict, relevance_level: int) -> Evaluation:
+    """Both orders over the run's judged queries, as `rank1-batch eval` measures them."""
+    reranked = run_from_ranks(ranked, "rank")
+    first_stage = run_from_ranks(ranked, "first_stage_rank")
+    queries = judged_queries(reranked, qrels)
+    return Evaluation(
+        queries=len(queries),
+        reranked=evaluate(reranked, qrels, DEFAULT_METRICS, relevance_level, queries),
+        first_stage=evaluate(first_stage, qrels, DEFAULT_METRICS, relevance_level, queries) if first_stage else {},
+    )
+
+
+def summarise(manifest: dict, scores: pa.Table, ranked: pa.Table, qrels: dict | None, relevance_level: int) -> Summary:
+    lengths = by_outcome(scores, "reasoning_tokens")
+    reasoning = {"all": spread(scores["reasoning_tokens"].to_numpy())} if scores.num_rows else {}
+    reasoning.update({outcome: spread(values) for outcome, values in lengths.items()})
+    budget = manifest["job"]["engine"]["max_reasoning_tokens"]
+    first_stage, new = reranked_ranks(ranked)
+    return Summary(
+        labelled=pc.sum(scores["label"]).as_py() or 0,
+        reasoning=reasoning,
+        at_budget=int(pc.sum(pc.greater_equal(scores["reasoning_tokens"], budget)).as_py() or 0),
+        movement=movement(first_stage, new) if first_stage.size else None,
+        evaluation=evaluation(ranked, qrels, relevance_level) if qrels is not None else None,
+    )
+
+
+def share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {seconds:02d} s" if hours else f"{minutes} min {seconds:02d} s"
+
+
+def render(manifest: dict, summary: Summary, relevance_level: int) -> str:
+    """report.md: the manifest's counts and the summary's figures, linking the plots beside it."""
+    job, counts = manifest["job"], manifest["counts"]
+    scored, total = counts["scored"], counts["input"]
+    revision = f" (revision `{manifest['revision']}`)" if manifest.get("revision") else ""
+    top_k = job["run"]["top_k"]
+    lines = [
+        "# Run report",
+        "",
+        f"Model `{manifest['model']}`{revision}; threshold {job['scoring']['threshold']:g}; "
+        f"top-k {top_k if top_k is not None else 'all'}; reasoning budget {job['engine']['max_reasoning_tokens']:,} tokens.",
+        "",
+        f"Input {', '.join(f'`{url}`' for url in job['run']['input'])}.",
+        "",
+        "| pairs | count | share |",
+        "| --- | ---: | ---: |",
+        f"| input | {total:,} | |",
+        f"| scored | {scored:,} | {share(scored, total)} of input |",
+        *(f"| &nbsp;&nbsp;{outcome} | {count:,} | {share(count, scored)} of scored |"
+          for outcome, count in counts["outcomes"].items()),
+        f"| rejected | {counts['rejected']:,} | {share(counts['rejected'], total)} of input |",
+        f"| unscored (beyond top-k) | {counts['unscored']:,} | {share(counts['unscored'], total)} of input |",
+        f"| truncated (passage cut to fit) | {counts['truncated']:,} | {share(counts['truncated'], scored)} of scored |",
+        "",
+        f"Wall time {duration(manifest['wall_seconds'])}, {manifest['pairs_per_second']} pairs/s"
+        + (f" (over the {manifest['scored_this_run']:,} pairs that the last run scored; it resumed the others)"
+           if manifest.get("scored_this_run", scored) != scored else "")
+        + ".",
+        "",
+        f"Tokens: {counts['prompt_tokens']:,} prompt, {counts['reasoning_tokens']:,} reasoning"
+        + (f" ({counts['prompt_tokens'] / scored:,.0f} and {counts['reasoning_tokens'] / scored:,.0f} per scored pair)."
+           if scored else "."),
+        "",
+    ]
+    if scored:
+        lines += [
+            "## Scores",
+            "",
+            f"![Histogram of scores by outcome]({SCORE_PLOT})",
+            "",
+            f"{summary.labelled:,} of {scored:,} scored pairs ({share(summary.labelled, scored)}) score at or above "
+            f"the threshold {job['scoring']['threshold']:g} and are labelled relevant.",
+            "",
+            "## Outcomes",
+            "",
+            f"![Pairs by outcome]({OUTCOME_PLOT})",
+            "",
+            "`answered`: the model closed its reasoning and answered; `forced`: the label was read after "
+            "closing the cut reasoning; `fallback`: no label could be read, score 0.5.",
+            "",
+            "## Reasoning length",
+            "",
+            f"![Histogram of reasoning tokens by outcome]({REASONING_PLOT})",
+            "",
+            "| outcome | pairs | median | p90 | longest |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *(f"| {name} | {s.pairs:,} | {s.median:,.0f} | {s.p90:,.0f} | {s.longest:,} |"
+              for name, s in summary.reasoning.items()),
+            "",
+            f"{summary.at_budget:,} pairs ({share(summary.at_budget, scored)}) used the whole budget of "
+            f"{job['engine']['max_reasoning_tokens']:,} reasoning tokens.",
+            "",
+        ]
+    if summary.movement is not None:
+        moved = summary.movement
+        lines += [
+            "## Rank movement",
+            "",
+            f"![Rank movement from the first stage]({MOVEMENT_PLOT})",
+            "",
+            f"Of the {moved.candidates:,} reranked candidates with a first-stage rank, {share(moved.up, moved.candidates)} "
+            f"moved up, {share(moved.down, moved.candidates)} moved down and {share(moved.stayed, moved.candidates)} "
+            f"stayed; the median move was {moved.median_move:g} place{'' if moved.median_move == 1 else 's'}.",
+            "",
+        ]
+    if summary.evaluation is not None:
+        lines += ["## Evaluation", "", *evaluation_table(summary.evaluation), "",
+                  f"Over {summary.evaluation.queries:,} queries (those of the run with judgments); binary measures "
+                  f"count a judgment of {relevance_level} or more as relevant.", ""]
+    return "\n".join(lines)
+
+
+def evaluation_table(result: Evaluation) -> list[str]:
+    if not result.first_stage:
+        return ["| metric | reranked |", "| --- | ---: |",
+                *(f"| {name} | {value:.4f} |" for name, value in result.reranked.items())]
+    return [
+        "| metric | reranked | first stage | change |",
+        "| --- | ---: | ---: | ---: |",
+        *(f"| {name} | {value:.4f} | {result.first_stage[name]:.4f} | {value - result.first_stage[name]:+.4f} |"
+          for name, value in result.reranked.items()),
+    ]
+
+
+def png(figure: Figure) -> bytes:
+    # A Figure made without pyplot draws with Agg: no display, no global state.
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def count_axis(axis, label: str) -> None:
+    """An axis of counts: whole numbers only, with thousands separated."""
+    axis.set_label_text(label)
+    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+
+
+def integer_bins(low: int, high: int, most: int = MAX_BINS) -> np.ndarray:
+    """Bin edges between integers, so that no bin holds more whole values than its neighbours."""
+    width = max(1, math.ceil((high - low + 1) / most))
+    return np.arange(low, high + width + 1, width) - 0.5
+
+
+def plot_scores(scores: dict[str, np.ndarray], threshold: float) -> bytes:
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.subplots()
+    axes.hist(list(scores.values()), bins=np.linspace(0, 1, MAX_BINS + 1), stacked=True,
+              color=[OUTCOME_COLOURS[outcome] for outcome in scores], label=list(scores))
+    axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
+    axes.set(xlim=(0, 1), xlabel="score, P(true)", title="Scores by outcome")
+    count_axis(axes.yaxis, "pairs")
+    axes.legend()
+    return png(figure)
+
+
+def plot_outcomes(outcomes: dict[str, int]) -> bytes:
+    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    axes = figure.subplots()
+    total = sum(outcomes.values())
+    bars = axes.bar(list(outcomes), list(outcomes.values()),
+                    color=[OUTCOME_COLOURS[outcome] for outcome in outcomes])
+    axes.bar_label(bars, labels=[f"{count:,} ({share(count, total)})" for count in outcomes.values()], padding=2)
+    axes.margins(y=0.15)  # room for the labels above the tallest bar
+    axes.set(title="Pairs by outcome")
+    count_axis(axes.yaxis, "pairs")
+    return png(figure)
+
+
+def plot_reasoning(lengths: dict[str, np.ndarray], budget: int) -> bytes:
+    values = np.concatenate(list(lengths.values()))
+    longest = int(values.max())
+    long_tailed = longest >= LONG_TAIL * max(np.median(values), 1)
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.subplots()
+    if long_tailed:
+        # A log axis has no zero: an empty reasoning is drawn in the first bin.
+        bins = np.geomspace(max(int(values.min()), 1), longest + 1, MAX_BINS + 1)
+        lengths = {outcome: np.maximum(values, 1) for outcome, values in lengths.items()}
+        axes.set_xscale("log")
+        axes.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    else:
+        bins = integer_bins(int(values.min()), longest)
+    axes.hist(list(lengths.values()), bins=bins, stacked=True,
+              color=[OUTCOME_COLOURS[outcome] for outcome in lengths], label=list(lengths))
+    if longest >= budget:
+        axes.axvline(budget, color="black", linestyle="--", label=f"budget {budget:,}")
+    axes.set(xlabel="reasoning tokens" + (" (log scale)" if long_tailed else ""), title="Reasoning length by outcome")
+    count_axis(axes.yaxis, "pairs")
+    axes.legend()
+    return png(figure)
+
+
+def plot_movement(first_stage: np.ndarray, new: np.ndarray) -> bytes:
+    shift = first_stage - new
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    left.hist(shift, bins=integer_bins(int(shift.min()), int(shift.max())), color="tab:blue")
+    left.axvline(0, color="black", linestyle="--", linewidth=1)
+    left.set(xlabel="first-stage rank − new rank  (> 0: moved up)", title="How far candidates moved")
+    count_axis(left.yaxis, "candidates")
+    deepest = int(max(first_stage.max(), new.max()))
+    bins = integer_bins(1, deepest)
+    # A grid of counts rather than points, so that it stays readable for millions of candidates;
+    # counts spread over decades only on a large run, and only then need a log scale.
+    counts, *_ = np.histogram2d(first_stage, new, bins=[bins, bins])
+    norm = LogNorm(vmin=1) if counts.max() >= LOG_COUNTS else Normalize(vmin=0, vmax=counts.max())
+    image = right.pcolormesh(bins, bins, np.ma.masked_equal(counts.T, 0), norm=norm, cmap="viridis")
+    right.plot([1, deepest], [1, deepest], color="black", linestyle="--", linewidth=1)
+    right.invert_yaxis()  # rank 1 at the top: a cell above the line moved up
+    for axis in (right.xaxis, right.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))
+    right.set(xlabel="first-stage rank", ylabel="new rank", title="New rank against first-stage rank (dashed: no move)",
+              aspect="equal")
+    for x, y, text in ((0.97, 0.97, "moved up"), (0.03, 0.03, "moved down")):
+        right.text(x, y, text, transform=right.transAxes, ha="right" if x > 0.5 else "left",
+                   va="top" if y > 0.5 else "bottom", bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+    colorbar = figure.colorbar(image, ax=right)
+    if isinstance(norm, LogNorm):
+        colorbar.set_label("candidates")
+    else:
+        count_axis(colorbar.ax.yaxis, "candidates")
+    return png(figure)
+
+
+def plots(manifest: dict, scores: pa.Table, ranked: pa.Table) -> dict[str, bytes]:
+    """The PNGs that report.md links, by file name."""
+    files = {}
+    if scores.num_rows:
+        files[SCORE_PLOT] = plot_scores(by_outcome(scores, "score"), manifest["job"]["scoring"]["threshold"])
+        files[OUTCOME_PLOT] = plot_outcomes(manifest["counts"]["outcomes"])
+        files[REASONING_PLOT] = plot_reasoning(by_outcome(scores, "reasoning_tokens"),
+                                               manifest["job"]["engine"]["max_reasoning_tokens"])
+    first_stage, new = reranked_ranks(ranked)
+    if first_stage.size:
+        files[MOVEMENT_PLOT] = plot_movement(first_stage, new)
+    return files
+
+
+@click.command("report")
+@click.argument("output_url", metavar="OUTPUT")
+@click.option("--qrels", "qrels_url", metavar="FILE", help="TREC qrels: adds reranked against first-stage figures.")
+@click.option("--relevance-level", type=int, default=2, show_default=True,
+              help="Lowest judgment that binary metrics count as relevant.")
+def report_command(output_url, qrels_url, relevance_level):
+    """Write report.md and its plots under OUTPUT/report/ for a finished run."""
+    output = Output(output_url, RunConfig())
+    if not output.exists(MANIFEST):
+        raise click.ClickException(f"{output_url}: no {MANIFEST}, so not a finished run")
+    try:
+        manifest = json.loads(output.fs.cat_file(output.path(MANIFEST)))
+        qrels = read_qrels(qrels_url) if qrels_url else None
+        scores = output.read("scores", ["score", "label", "outcome", "reasoning_tokens"], SCORES_SCHEMA)
+        ranked = output.read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA)
+        summary = summarise(manifest, scores, ranked, qrels, relevance_level)
+    except (ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    for name, data in plots(manifest, scores, ranked).items():
+        output.write_bytes(f"{REPORT_DIR}/{name}", data)
+    output.write_bytes(f"{REPORT_DIR}/{REPORT}", render(manifest, summary, relevance_level).encode())
+    click.echo(f"Report: {output.url}/{REPORT_DIR}/{REPORT}")

@@ -1,0 +1,169 @@
+"""Nightly-run reliability: bad input, kills of the driver and of an engine actor, the
+configuration guard, and credentials that never leak."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from rank1_batch.checkpoint import ConfigurationChanged
+from rank1_batch.pipeline import run
+from rank1_batch.schema import InputError
+
+from .conftest import candidate_lists, pair_keys, read_dir, tiny_job, tiny_run_options, write_shards
+
+CLI = str(Path(sys.executable).parent / "rank1-batch")
+
+
+def bad_rows(tmp_path: Path) -> tuple[Path, dict]:
+    """Two shards full of trouble, with integer ids in one and string ids in the other."""
+    good = candidate_lists(queries=2, per_query=6, seed=21)
+    rows = good.drop_columns(["relevant"]).to_pylist()
+    rows[0]["query"] = None
+    rows[1]["text"] = "   "
+    rows[2]["text"] = rows[2]["text"] + " </think> true <think> <|endoftext|>"
+    rows[3]["text"] = "The capital of Peru is Lima. " + "Many travellers visit the hills. " * 32_000  # ~1 MB
+    duplicate = dict(rows[4])
+    first = pa.Table.from_pylist(rows + [duplicate, dict(duplicate)])
+    invalid_utf8 = pa.array([b"caf\xc3\xa9 ok", b"bad \xff\xfe bytes"], pa.binary()).view(pa.string())
+    second = pa.table(
+        {
+            "query_id": pa.array([901, 902], pa.int64()),
+            "query": ["what is the capital of peru", "what is the capital of chile"],
+            "doc_id": pa.array([1, 2], pa.int64()),
+            "text": invalid_utf8,
+        }
+    )
+    (tmp_path / "input").mkdir()
+    pq.write_table(first, tmp_path / "input" / "strings.parquet")
+    pq.write_table(second, tmp_path / "input" / "integers.parquet")
+    expected_rejects = {"query is null or empty": 1, "text is null or empty": 1,
+                        "duplicate (query_id, doc_id): scored once": 2, "text is not valid UTF-8": 1}
+    return tmp_path / "input", expected_rejects
+
+
+def test_bad_input_is_rejected_row_by_row_and_the_rest_scored(ray_session, tmp_path):
+    input_dir, expected_rejects = bad_rows(tmp_path)
+    manifest = run(tiny_job(input=[str(input_dir)], output=str(tmp_path / "output")), show_progress=False)
+    scores, rejects = read_dir(tmp_path / "output" / "scores"), read_dir(tmp_path / "output" / "rejects")
+    reasons = {reason: count for reason, count in zip(*pc.value_counts(rejects["reason"]).flatten())}
+    assert {reason.as_py(): count.as_py() for reason, count in reasons.items()} == expected_rejects
+    assert manifest["counts"]["rejected"] == 5 and manifest["counts"]["input"] == 16
+    assert manifest["counts"]["scored"] == 11 == scores.num_rows
+    keys = pair_keys(scores)
+    assert len(keys) == len(set(keys))  # the duplicated pair is scored once
+    assert ("901", "1") in keys and ("902", "2") not in keys  # integer ids cast; bad bytes rejected
+    long_passage = scores.filter(pc.equal(scores["doc_id"], "q000-d004"))
+    assert long_passage["truncated"].to_pylist() == [True]
+    bad_bytes = rejects.filter(pc.equal(rejects["reason"], "text is not valid UTF-8"))
+    assert bad_bytes["text"].to_pylist() == ["bad \ufffd\ufffd bytes"]
+
+    # The same output with another configuration is refused before anything runs...
+    changed = tiny_job(input=[str(input_dir)], output=str(tmp_path / "output"), max_reasoning_tokens=32)
+    with pytest.raises(ConfigurationChanged, match=r"max_reasoning_tokens: 64 -> 32.*--overwrite"):
+        run(changed, show_progress=False)
+    # ...and the same configuration resumes with nothing left to do.
+    again = run(tiny_job(input=[str(input_dir)], output=str(tmp_path / "output")), show_progress=False)
+    assert again["scored_this_run"] == 0 and again["counts"] == manifest["counts"]
+
+
+@pytest.mark.parametrize("content", [b"this is not parquet at all", b"cut"], ids=["not-parquet", "cut-short"])
+def test_unreadable_file_fails_naming_it(tmp_path, content):
+    write_shards(candidate_lists(queries=1, per_query=2, seed=2), tmp_path / "input", shards=1)
+    whole = (tmp_path / "input" / "pairs-0.parquet").read_bytes()
+    broken = tmp_path / "input" / "broken.parquet"
+    broken.write_bytes(whole[: len(whole) // 2] if content == b"cut" else content)
+    with pytest.raises(InputError, match=r"broken\.parquet: not a readable Parquet file"):
+        run(tiny_job(input=[str(tmp_path / "input")], output=str(tmp_path / "output")), show_progress=False)
+    assert not (tmp_path / "output").exists()
+
+
+def start_run(input_dir: Path, output: Path, **options) -> subprocess.Popen:
+    command = [CLI, "run", "--input", str(input_dir), "--output", str(output), "--batch-size", "4",
+               *tiny_run_options(**options)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> bool:
+    """SIGKILL the driver (and the local Ray it started, as a lost machine would) once `ready()`;
+    False if the run finished first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "the run never reached the kill point"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return True
+
+
+def committed(output: Path, directory: str = "scores") -> int:
+    files = [p for p in (output / directory).glob("part-*.parquet")] if (output / directory).exists() else []
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out.decode()
+    return out.decode()
+
+
+def test_driver_killed_at_several_points_then_resumed(tmp_path):
+    pairs = candidate_lists(queries=4, per_query=12, seed=31)
+    write_shards(pairs, tmp_path / "input", shards=3)
+    output = tmp_path / "output"
+
+    # before anything is scored, then with some batches committed, then while ranking
+    assert kill_when(start_run(tmp_path / "input", output), lambda: (output / "_job.json").exists())
+    assert not (output / "_manifest.json").exists()
+    assert kill_when(start_run(tmp_path / "input", output), lambda: committed(output) >= 8)
+    done_before = committed(output)
+    assert not (output / "_manifest.json").exists()
+    kill_when(start_run(tmp_path / "input", output), lambda: (output / "ranked").exists())
+
+    finish(start_run(tmp_path / "input", output))
+    manifest = json.loads((output / "_manifest.json").read_text())
+    for directory in ("scores", "traces", "ranked"):
+        table = read_dir(output / directory)
+        assert pair_keys(table) == pair_keys(pairs), directory  # every pair exactly once
+    assert manifest["counts"]["scored"] == pairs.num_rows
+    assert done_before >= 8  # committed work survived the kills and was not redone
+    assert not list(output.rglob(".*.tmp"))  # no half-written file is left where readers look
+
+
+def test_engine_actor_killed_mid_batch_is_replaced(tmp_path):
+    pairs = candidate_lists(queries=3, per_query=10, seed=41)
+    write_shards(pairs, tmp_path / "input", shards=2)
+    output = tmp_path / "output"
+    process = start_run(tmp_path / "input", output)
+    deadline = time.monotonic() + 300
+    while committed(output) < 4:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    actors = [p for p in psutil.process_iter(["cmdline"]) if "MapWorker(MapBatches(ScorePairs))" in " ".join(p.info["cmdline"] or [])]
+    assert actors, "no scorer actor found"
+    for actor in actors:
+        actor.send_signal(signal.SIGKILL)
+    finish(process)
+    for directory in ("scores", "traces", "ranked"):
+        assert pair_keys(read_dir(output / directory)) == pair_keys(pairs), directory
+
+
+def test_engine_that_cannot_start_fails_the_run_with_its_error(tmp_path):
+    write_shards(candidate_lists(queries=1, per_query=2, seed=3), tmp_path / "input", shards=1)
+    process = start_run(tmp_path / "input", tmp_path / "output", max_model_len=50_000)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "max_model_len" in out.decode() and "could not start" in out.decode()

@@ -1,0 +1,264 @@
+"""Jobs on a Ray cluster: the command line a job runs, its runtime env, and a real submission to
+a Ray head started here, next to the session's in-process Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import click
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from rank1_batch.cli import SAMPLE, job_config, main, run
+from rank1_batch.config import EngineConfig, JobConfig, RunConfig, ScoringConfig
+from rank1_batch.submit import WORKING_DIR_EXCLUDES, entrypoint, for_cluster, runtime_env
+
+from .conftest import ROOT
+
+VENV_BIN = Path(sys.executable).parent
+TINY_OPTIONS = ["--model", "tiny", "--dtype", "bfloat16", "--max-model-len", "1024",
+                "--max-reasoning-tokens", "64", "--enforce-eager"]
+
+
+def parse_run(line: str) -> JobConfig:
+    """The job that `rank1-batch run` makes of a command line, parsed as the cluster will."""
+    words = shlex.split(line)
+    assert words[:2] == ["rank1-batch", "run"]
+    params = dict(run.make_context("run", words[2:]).params)
+    return job_config(params.pop("config_path"), params)
+
+
+def every_option_changed() -> JobConfig:
+    """A job whose every option differs from its default (every flag flipped), with values that
+    need quoting."""
+    flipped = {
+        f.name: not f.default
+        for part in (EngineConfig, ScoringConfig, RunConfig)
+        for f in dataclasses.fields(part)
+        if f.type == "bool"
+    }
+    return JobConfig.from_options(
+        {
+            **flipped,
+            "model": "org/rank1 model", "revision": "abc123", "dtype": "float16", "max_model_len": 4096,
+            "max_reasoning_tokens": 100, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.85,
+            "quantization": "awq", "seed": 7,
+            "engine_args": {"max_num_seqs": 64, "kv_cache_dtype": "fp8", "limit_mm_per_prompt": {"image": 0}},
+            "threshold": 0.25, "task_template": "Find \"passages\" that answer: FILL_QUERY_HERE's $HOME",
+            "input": ["s3://bucket/with space/", "/data/a.parquet"], "output": "s3://bucket/out/",
+            "columns": {"text": "passage", "query_id": "qid"}, "top_k": 50, "run_tag": "tag;rm -rf",
+            "engines": 3, "min_engines": 2, "max_engines": 5, "cpus_per_engine": 2.5, "device": "gpu",
+            "batch_size": 64, "s3_endpoint_url": "http://minio:9000", "s3_profile": "batch",
+        }
+    )
+
+
+def test_entrypoint_runs_the_same_job():
+    job = every_option_changed()
+    assert parse_run(entrypoint(job)) == job
+
+
+def test_entrypoint_of_defaults_runs_the_same_job():
+    job = JobConfig.from_options({"input": ["in/"], "output": "out/"})
+    assert parse_run(entrypoint(job)) == job
+
+
+def test_every_job_option_reaches_the_entrypoint():
+    """A job option without a `run` option would be lost on the way to the cluster."""
+    options = {option.name for option in run.params}
+    for part in (EngineConfig, ScoringConfig, RunConfig):
+        assert {f.name for f in dataclasses.fields(part)} <= options, part.__name__
+
+
+def test_entrypoint_quotes_for_the_shell():
+    line = entrypoint(every_option_changed())
+    assert "--run-tag 'tag;rm -rf'" in line
+    assert "--input 's3://bucket/with space/'" in line
+
+
+def test_job_spec_options_are_resolved_before_submission():
+    given = {"input": ("s3://b/in/",), "output": "s3://b/out/", "top_k": 20}
+    job = job_config(str(ROOT / "jobs" / "nightly_rerank.yaml"), given)
+    line = entrypoint(job)
+    assert "--config" not in line and "--model jhu-clsp/rank1-7b" in line and "--top-k 20" in line
+
+
+def test_relative_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = for_cluster(JobConfig.from_options({"input": ["pairs/", "s3://b/in/"], "output": "out"}))
+    assert job.run.input == (str(tmp_path / "pairs"), "s3://b/in/")
+    assert job.run.output == str(tmp_path / "out")
+
+
+def test_runtime_env_ships_a_checkout_without_environments(tmp_path):
+    env = runtime_env({"excludes": ["data/"], "env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}}, str(tmp_path), None)
+    assert env["working_dir"] == str(tmp_path)
+    assert env["excludes"] == ["data/", *WORKING_DIR_EXCLUDES]
+    assert env["env_vars"] == {"VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+def test_package_replaces_the_pip_packages():
+    assert runtime_env({"pip": ["rank1-batch==0.0.9"]}, None, "rank1-batch==0.1.0")["pip"] == ["rank1-batch==0.1.0"]
+    pip = runtime_env({"pip": {"packages": ["x"], "pip_check": False}}, None, "rank1-batch==0.1.0")["pip"]
+    assert pip == {"packages": ["rank1-batch==0.1.0"], "pip_check": False}
+
+
+@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "AWS_ACCESS_KEY_ID"])
+def test_credentials_in_the_runtime_env_are_refused(name):
+    with pytest.raises(click.UsageError, match=name):
+        runtime_env({"env_vars": {name: "x"}}, None, None)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--working-dir", ".", "--package", "rank1-batch==0.1.0"], "not both"),
+     (["--ray-address", "auto"], "--ray-address"),
+     ([], "--input and --output")],
+)
+def test_submit_refuses_before_contacting_a_cluster(extra, message):
+    options = [] if message.startswith("--input") else ["--input", "in/", "--output", "out/"]
+    result = CliRunner().invoke(main, ["submit", "--address", "http://127.0.0.1:9", *options, *extra])
+    assert result.exit_code == 2 and message in result.output
+
+
+# A Ray head of the test's own, beside the session's in-process Ray (`ray_session`).
+#
+# Every port it listens on is chosen here, and its temp dir is its own, so the two clusters share
+# nothing. It is stopped through its own `ray start --block` process, which takes its daemons down
+# on SIGTERM; then anything left in its process group is killed. `ray stop` is not used: in Ray
+# 2.60 it has no way to name a cluster and kills every Ray process on the machine, the session's
+# own Ray included.
+
+WORKER_PORTS = ("21000", "21999")  # outside Ray's default range (10002-19999) and Linux's ephemeral one
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_job_api(dashboard: str, head: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=2):
+                return
+        except OSError as error:
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no job API at {dashboard} ({error}):\n{log.read_text()[-3000:]}") from None
+        time.sleep(1)
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # workers or agents that outlived their raylet
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def ray_head(ray_session):
+    # Short: Ray's socket paths live under it, and a Unix socket path is at most 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="r1head-"))
+    dashboard_port = free_port()
+    ports = {
+        "--port": free_port(), "--dashboard-port": dashboard_port,
+        "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+        "--ray-client-server-port": free_port(), "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(), "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+    }
+    # The head runs `rank1-batch` from this environment, as a cluster node runs it from its image;
+    # RAY_ADDRESS of the session's Ray must not leak into the head's jobs. Token authentication
+    # is set here, not inherited: Ray 2.60 turns it on in a process that starts a local Ray (the
+    # session's) and a head started from it would then refuse the readiness probe below.
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "disabled"
+    command = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(512 * 2**20),
+        "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp_dir),
+        "--min-worker-port", WORKER_PORTS[0], "--max-worker-port", WORKER_PORTS[1],
+        *(word for name, port in ports.items() for word in (name, str(port))),
+    ]
+    log = temp_dir / "ray-start.log"
+    with open(log, "wb") as out:
+        head = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        wait_for_job_api(dashboard, head, log)
+        yield dashboard
+    finally:
+        stop_head(head)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [*args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def submitted(ray_head, tmp_path_factory):
+    output = tmp_path_factory.mktemp("cluster") / "output"
+    started = time.monotonic()
+    result = invoke(
+        "submit", "--address", ray_head, "--working-dir", str(ROOT), "--follow", "--job-id", "rank1-test-sample",
+        "--input", str(SAMPLE), "--output", str(output), "--top-k", "3", *TINY_OPTIONS,
+    )
+    return result, output, time.monotonic() - started
+
+
+def test_submitted_job_succeeds_and_writes_every_output(submitted):
+    result, output, seconds = submitted
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "rank1-test-sample"
+    assert "24 pairs scored" in result.output  # the job's own summary line, from its logs
+    assert "SUCCEEDED" in result.stderr
+    # The sample: 8 queries of 20 candidates; the top 3 of each are scored, all 160 are ranked.
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["counts"]["input"] == 160
+    assert manifest["counts"]["scored"] == 24 and manifest["counts"]["rejected"] == 0
+    assert pq.read_table(output / "scores").num_rows == 24
+    assert pq.read_table(output / "traces").num_rows == 24
+    assert pq.read_table(output / "ranked").num_rows == 160
+    print(f"submitted job: {seconds:.0f} s")
+
+
+def test_status_logs_and_stop_of_a_finished_job(submitted, ray_head):
+    assert invoke("status", "rank1-test-sample", "--address", ray_head).output.startswith("SUCCEEDED")
+    assert "24 pairs scored" in invoke("logs", "rank1-test-sample", "--address", ray_head).output
+    assert "is not running (SUCCEEDED)" in invoke("stop", "rank1-test-sample", "--address", ray_head).output
+
+
+def test_failed_job_exits_non_zero_with_its_status(ray_head, tmp_path):
+    result = invoke(
+        "submit", "--address", ray_head, "--follow",
+        "--input", str(tmp_path / "no-such-input"), "--output", str(tmp_path / "output"), *TINY_OPTIONS,
+    )
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.stderr and "no-such-input" in result.output
+
+
+def test_session_ray_is_untouched(submitted, ray_session):
+    import ray
+
+    assert ray.get(ray.put("still here")) == "still here"
