@@ -36,7 +36,6 @@ def identity(job: JobConfig) -> dict:
     described = job.to_dict()
     described["engine"] = {k: v for k, v in described["engine"].items() if k not in _FREE_ENGINE}
     described["run"] = {k: v for k, v in described["run"].items() if k not in _FREE_RUN}
-    described["run"]["input"] = list(described["run"]["input"])
     return described
 
 

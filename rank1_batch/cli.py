@@ -12,6 +12,7 @@ from .checkpoint import ConfigurationChanged
 from .config import JobConfig, load_options
 from .evaluate import eval_command
 from .prepare import prepare_command
+from .report import report_command
 from .schema import InputError
 from .stages import EngineStartError
 
@@ -206,6 +207,7 @@ def trec_run_command(output, tag, target):
 
 
 main.add_command(prepare_command)
+main.add_command(report_command)
 main.add_command(eval_command)
 
 

@@ -97,7 +97,10 @@ class JobConfig:
         return cls(**parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON-ready values (the input URLs as a list)."""
+        described = dataclasses.asdict(self)
+        described["run"]["input"] = list(self.run.input)
+        return described
 
 
 def load_options(path: str | Path) -> dict[str, Any]:

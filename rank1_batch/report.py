@@ -270,7 +270,7 @@ def plot_scores(scores: dict[str, np.ndarray], threshold: float) -> bytes:
     axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
     axes.set(xlim=(0, 1), xlabel="score, P(true)", title="Scores by outcome")
     count_axis(axes.yaxis, "pairs")
-    axes.legend()
+    figure.legend(loc="outside right upper")  # beside the axes: the bars can be anywhere
     return png(figure)
 
 
@@ -307,7 +307,7 @@ def plot_reasoning(lengths: dict[str, np.ndarray], budget: int) -> bytes:
         axes.axvline(budget, color="black", linestyle="--", label=f"budget {budget:,}")
     axes.set(xlabel="reasoning tokens" + (" (log scale)" if long_tailed else ""), title="Reasoning length by outcome")
     count_axis(axes.yaxis, "pairs")
-    axes.legend()
+    figure.legend(loc="outside right upper")
     return png(figure)
 
 
@@ -330,11 +330,8 @@ def plot_movement(first_stage: np.ndarray, new: np.ndarray) -> bytes:
     right.invert_yaxis()  # rank 1 at the top: a cell above the line moved up
     for axis in (right.xaxis, right.yaxis):
         axis.set_major_locator(MaxNLocator(integer=True))
-    right.set(xlabel="first-stage rank", ylabel="new rank", title="New rank against first-stage rank (dashed: no move)",
-              aspect="equal")
-    for x, y, text in ((0.97, 0.97, "moved up"), (0.03, 0.03, "moved down")):
-        right.text(x, y, text, transform=right.transAxes, ha="right" if x > 0.5 else "left",
-                   va="top" if y > 0.5 else "bottom", bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+    right.set(xlabel="first-stage rank", ylabel="new rank  (above the dashed line: moved up)",
+              title="New rank against first-stage rank", aspect="equal")
     colorbar = figure.colorbar(image, ax=right)
     if isinstance(norm, LogNorm):
         colorbar.set_label("candidates")

@@ -106,8 +106,8 @@ def _example(rng):
         f" The query asks about the {query_attribute} of {query_country}."
         f" The passage is about the {passage_attribute} of {passage_country}."
     )
-    # One comparison per sentence: a tiny model learns these far better than a
-    # single joint verdict, and stopping at the first mismatch varies the length.
+    # One comparison per sentence, stopping at the first mismatch: a tiny model
+    # learns these far better than one joint verdict, and the length varies.
     if passage_country != query_country:
         reasoning += " The country differs."
     else:
@@ -182,7 +182,7 @@ def train(tokenizer, examples, seed, steps, batch_size, learning_rate):
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=128,
-        intermediate_size=384,
+        intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=2,  # head_dim 64: vLLM's CPU attention rejects small head sizes
         num_key_value_heads=1,
@@ -252,9 +252,9 @@ def evaluate(model_dir, n, seed, batch_size=50):
 @click.command()
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUTPUT, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=int, default=400, show_default=True)
+@click.option("--steps", type=int, default=1000, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--learning-rate", type=float, default=3e-3, show_default=True)
+@click.option("--learning-rate", type=float, default=2e-3, show_default=True)
 @click.option("--vocab-size", type=int, default=800, show_default=True)
 @click.option("--eval-pairs", type=int, default=400, show_default=True)
 @click.option("--eval-only", is_flag=True, help="Evaluate the existing --output directory without training.")

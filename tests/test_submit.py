@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import click
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -136,10 +136,9 @@ def test_submit_refuses_before_contacting_a_cluster(extra, message):
 # A Ray head of the test's own, beside the session's in-process Ray (`ray_session`).
 #
 # Every port it listens on is chosen here, and its temp dir is its own, so the two clusters share
-# nothing. It is stopped through its own `ray start --block` process, which takes its daemons down
-# on SIGTERM; then anything left in its process group is killed. `ray stop` is not used: in Ray
-# 2.60 it has no way to name a cluster and kills every Ray process on the machine, the session's
-# own Ray included.
+# nothing. It is stopped through its own `ray start --block` process and the processes under it
+# (stop_head). `ray stop` is not used: in Ray 2.60 it has no way to name a cluster and kills every
+# Ray process on the machine, the session's own Ray and other test runs' included.
 
 WORKER_PORTS = ("21000", "21999")  # outside Ray's default range (10002-19999) and Linux's ephemeral one
 
@@ -163,16 +162,19 @@ def wait_for_job_api(dashboard: str, head: subprocess.Popen, log: Path) -> None:
 
 
 def stop_head(head: subprocess.Popen) -> None:
-    head.send_signal(signal.SIGTERM)
+    """SIGTERM to `ray start --block` takes the head's daemons down. Whatever else of its process
+    tree outlives that (Ray workers and vLLM's engine processes, each in a process group of its
+    own) is then killed by pid."""
+    tree = psutil.Process(head.pid).children(recursive=True)
+    head.terminate()
     try:
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         head.kill()
         head.wait()
-    try:
-        os.killpg(head.pid, signal.SIGKILL)  # workers or agents that outlived their raylet
-    except ProcessLookupError:
-        pass
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    for process in alive:
+        process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +205,7 @@ def ray_head(ray_session):
     ]
     log = temp_dir / "ray-start.log"
     with open(log, "wb") as out:
-        head = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        head = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         wait_for_job_api(dashboard, head, log)
