@@ -31,7 +31,7 @@ def engine_options(command):
         click.option("--max-reasoning-tokens", type=int, help="Budget of generated tokens per pair."),
         click.option("--tensor-parallel-size", type=int, help="GPUs per engine."),
         click.option("--gpu-memory-utilization", type=float, help="Share of GPU memory for vLLM."),
-        click.option("--prefix-caching/--no-prefix-caching", "enable_prefix_caching", default=None),
+        click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None),
         click.option("--enforce-eager/--no-enforce-eager", default=None, help="Skip graph compilation."),
         click.option("--quantization", help="vLLM quantization method, e.g. awq."),
         click.option("--trust-remote-code/--no-trust-remote-code", default=None),

@@ -73,24 +73,26 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
 
 def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
     """A streaming read of the input shards, each row with its hash, of the columns the contract
-    needs (or only the two key columns). Shards are read in groups of equal columns, so an optional
-    column that only some shards have is kept where it exists."""
+    needs (or only the two key columns). Shards are read in groups of equal columns and types, so
+    an optional column that only some shards have is kept where it exists, and shards may disagree
+    on a column's type (integer or string ids): each block is cast to the contract later."""
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     groups: dict[tuple[str, ...], list[str]] = {}
     for shard in shards:
         columns = key_columns(job) if keys_only else source_columns(shard.columns, job.run.columns)
-        groups.setdefault(tuple(columns), []).append(shard.path)
+        signature = tuple((name, str(shard.schema.field(name).type)) for name in columns)
+        groups.setdefault(signature, []).append(shard.path)
     datasets = [
         ray.data.read_parquet(
             paths,
             filesystem=PyFileSystem(FSSpecHandler(fs)),
-            columns=list(columns),
+            columns=[name for name, _ in signature],
             file_extensions=None,
             include_row_hash=True,
         )
-        for columns, paths in groups.items()
+        for signature, paths in groups.items()
     ]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import RunConfig
+from .schema import InputError
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 
@@ -71,8 +72,12 @@ def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
 @dataclass(frozen=True)
 class Shard:
     path: str
-    columns: list[str]
+    schema: pa.Schema
     rows: int
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
 
 
 def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> Shard:
@@ -81,8 +86,8 @@ def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> Shard:
         with fs.open(path, "rb") as handle:
             metadata = pq.ParquetFile(handle).metadata
     except (pa.ArrowInvalid, OSError) as error:
-        raise ValueError(f"{url_of(fs, path)}: not a readable Parquet file ({error})") from None
-    return Shard(path, list(metadata.schema.to_arrow_schema().names), metadata.num_rows)
+        raise InputError(f"{url_of(fs, path)}: not a readable Parquet file ({error})") from None
+    return Shard(path, metadata.schema.to_arrow_schema(), metadata.num_rows)
 
 
 def content_name(*keys: pa.Array) -> str:

@@ -165,14 +165,18 @@ def stop_head(head: subprocess.Popen) -> None:
     """SIGTERM to `ray start --block` takes the head's daemons down. Whatever else of its process
     tree outlives that (Ray workers and vLLM's engine processes, each in a process group of its
     own) is then killed by pid."""
+    t0 = time.monotonic()
     tree = psutil.Process(head.pid).children(recursive=True)
+    print("TREE", [(p.pid, p.name()) for p in tree])
     head.terminate()
     try:
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         head.kill()
         head.wait()
+    print("HEAD GONE", time.monotonic() - t0)
     _, alive = psutil.wait_procs(tree, timeout=30)
+    print("TREE GONE", time.monotonic() - t0, alive)
     for process in alive:
         process.kill()
 
