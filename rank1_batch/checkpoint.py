@@ -1,8 +1,8 @@
 """Resuming a run: what an output already holds, and whether it was made by the same job.
 
 A pair is done once a `scores/` file holding it is committed (an object upload completes, or a
-local file is renamed into place); traces are written first, so a trace file without its scores
-file is an orphan of a killed run and is removed. A re-run skips every pair already in
+local file is renamed into place); traces and labels are written first, so such a file without
+its scores twin is an orphan of a killed run and is removed. A re-run skips every pair already in
 `scores/` or `unscored/` and every input row already in `rejects/` (known by its row hash, as a
 rejected row may have no usable ids), so nothing is scored or written twice.
 """
@@ -79,14 +79,15 @@ def open_output(output: Output, job: JobConfig) -> Done:
     if output.exists(MANIFEST):
         output.fs.rm(output.path(MANIFEST))
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())
-    _remove_orphan_traces(output)
+    _remove_orphans(output)
     keys = [output.read(directory, KEY_SCHEMA.names, KEY_SCHEMA) for directory in ("scores", "unscored")]
     rejected = output.read("rejects", [ROW_HASH], pa.schema([(ROW_HASH, pa.uint64())]))
     return Done(pa.concat_tables(keys), rejected[ROW_HASH].combine_chunks())
 
 
-def _remove_orphan_traces(output: Output) -> None:
+def _remove_orphans(output: Output) -> None:
+    """Trace and label files whose scores file was never committed: their pairs will be redone."""
     committed = {path.rsplit("/", 1)[-1] for path in output.files("scores")}
-    for path in output.files("traces"):
+    for path in output.files("traces") + output.files("labels"):
         if path.rsplit("/", 1)[-1] not in committed:
             output.fs.rm(path)

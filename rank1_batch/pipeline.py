@@ -1,7 +1,8 @@
 """The whole flow of a run: read pairs, prepare prompts, score them on an actor pool, write.
 
     Parquet shards -> prepare (validate, top-k, prompt; set-aside rows written) -> score (one
-    vLLM engine per actor) -> write scores/ and traces/ -> ranked/, run.trec -> _manifest.json
+    vLLM engine per actor; each batch committed to traces/ and scores/) -> ranked/, run.trec
+    -> _manifest.json
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from .resources import actor_pool_size, engine_resources, uses_gpus
 from .schema import ROW_HASH, InputError, missing_columns, source_columns, to_contract
 from .storage import Output, Shard, list_input_files, read_footer, url_of
 
-# Building prompts is light next to generation, and writing waits on storage: neither needs a
-# whole core. A request unlike the engine actors' also keeps Ray from fusing prompt building
-# into them, where it would hold up the engine.
+# Building prompts is light next to generation and needs less than a core. A request unlike the
+# engine actors' also keeps Ray from fusing prompt building into them, where it would hold up
+# the engine.
 PREPARE_CPUS = 0.5
-WRITE_CPUS = 0.25
 
 
 def inspect_inputs(job: JobConfig) -> tuple[object, list[Shard]]:
@@ -60,10 +60,10 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
     connect(job)
 
     duplicates = find_duplicates(read(fs, shards, job, keys_only=True), job.run.columns)
-    written = score_and_write(read(fs, shards, job), job, output, done, duplicates)
+    committed = score_and_commit(read(fs, shards, job), job, output, done, duplicates)
     input_rows = sum(shard.rows for shard in shards)
     to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
-    scored_now = follow(written, to_do, show_progress) if to_do > 0 else 0
+    scored_now = follow(committed, to_do, show_progress) if to_do > 0 else 0
 
     ranked = write_ranked(output)
     if job.run.trec_run:
@@ -97,8 +97,8 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
-def score_and_write(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table):
-    """prepare (CPU tasks) -> score (actor pool, one engine each) -> write (I/O tasks)."""
+def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table):
+    """prepare (CPU tasks) -> score and commit each batch (actor pool, one engine each)."""
     import ray
 
     prompts = pairs.map_batches(
@@ -108,9 +108,12 @@ def score_and_write(pairs, job: JobConfig, output: Output, done: Done, duplicate
         batch_size=None,
         num_cpus=PREPARE_CPUS,
     )
-    scored = prompts.map_batches(
+    # One block per engine call (a streaming split, not a shuffle): blocks spread over all the
+    # engines, and each batch's counts reach the driver as soon as it is committed.
+    prompts = prompts.repartition(target_num_rows_per_block=job.run.batch_size)
+    return prompts.map_batches(
         stages.ScorePairs,
-        fn_constructor_kwargs={"job": job},
+        fn_constructor_kwargs={"job": job, "output": output},
         compute=ray.data.ActorPoolStrategy(**actor_pool_size(job.run)),
         batch_size=job.run.batch_size,
         batch_format="pyarrow",
@@ -119,13 +122,6 @@ def score_and_write(pairs, job: JobConfig, output: Output, done: Done, duplicate
             job.run.cpus_per_engine,
             uses_gpus(job.run.device, ray.cluster_resources().get("GPU", 0)),
         ),
-    )
-    return scored.map_batches(
-        stages.write_results,
-        fn_kwargs={"job": job, "output": output},
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=WRITE_CPUS,
     )
 
 
@@ -149,12 +145,12 @@ def find_duplicates(keys, columns: dict[str, str]) -> pa.Table:
     return repeated.select(["query_id", "doc_id", f"{ROW_HASH}_min"]).rename_columns(["query_id", "doc_id", "keep_row_hash"])
 
 
-def follow(written, total: int, show_progress: bool) -> int:
-    """Drive the dataset to the end, showing pairs done and outcomes as batches are written;
+def follow(committed, total: int, show_progress: bool) -> int:
+    """Drive the dataset to the end, showing pairs done and outcomes as batches are committed;
     return how many pairs were scored."""
     outcomes = dict.fromkeys(OUTCOMES, 0)
     with tqdm(total=total, unit="pair", desc="scoring", disable=not show_progress, dynamic_ncols=True) as bar:
-        for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in committed.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
                 bar.update(row["pairs"])
                 for outcome in outcomes:

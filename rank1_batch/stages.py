@@ -102,19 +102,23 @@ class EngineStartError(RuntimeError):
 
 
 class ScorePairs:
-    """An actor holding one engine; scores the prompts of each batch it is given."""
+    """An actor holding one engine: scores the prompts of each batch it is given and commits them.
 
-    def __init__(self, job: JobConfig):
+    Writing here, batch by batch, makes each batch a commit of its own: a killed run loses at
+    most the batches in flight. A write is small next to generating a batch.
+    """
+
+    def __init__(self, job: JobConfig, output: Output):
         from .scorer import Rank1Scorer
 
+        self.job, self.output = job, output
         try:
             self.scorer = Rank1Scorer(job.engine, job.scoring)
         except Exception as error:
             raise EngineStartError(f"the engine could not start (model {job.engine.model}): {error}") from error
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        to_score = pc.is_valid(batch["prompt_token_ids"])
-        prompts = batch.filter(to_score)
+        prompts = batch.filter(pc.is_valid(batch["prompt_token_ids"]))
         encoded = [
             EncodedPrompt(ids, truncated)
             for ids, truncated in zip(prompts["prompt_token_ids"].to_pylist(), prompts["truncated"].to_pylist())
@@ -124,22 +128,18 @@ class ScorePairs:
         for field in SCORED_SCHEMA:
             if field.name not in PASSTHROUGH:
                 scored = scored.append_column(field, pa.array([row[field.name] for row in results], field.type))
-        set_aside = batch.filter(pc.invert(to_score))
-        return pa.concat_tables([conform(scored, SCORED_SCHEMA), conform(set_aside, SCORED_SCHEMA)])
+        write_results(conform(scored, SCORED_SCHEMA), self.job, self.output)
+        counts = {"pairs": batch.num_rows, **dict.fromkeys(OUTCOMES, 0), **count_values(scored["outcome"])}
+        return pa.Table.from_pylist([counts])
 
 
-def write_results(batch: pa.Table, job: JobConfig, output: Output) -> pa.Table:
-    """Write the scored pairs of a batch (traces first: a scores file marks the pair done) and
-    return the batch's counts for the progress display."""
-    scored = batch.filter(pc.is_valid(batch["score"]))
-    if scored.num_rows:
-        name = content_name(scored["query_id"], scored["doc_id"])
-        if job.run.write_traces:
-            output.write_table("traces", name, scored.select(TRACES_SCHEMA.names).cast(TRACES_SCHEMA))
-        if job.run.labels:
-            output.write_table("labels", name, relevance_labels(scored, job.engine.model, job.run.labels_answered_only))
-        output.write_table("scores", name, scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA))
-    counts = {"pairs": batch.num_rows, "scored": scored.num_rows}
-    counts.update({outcome: 0 for outcome in OUTCOMES})
-    counts.update(count_values(scored["outcome"]))
-    return pa.Table.from_pylist([counts])
+def write_results(scored: pa.Table, job: JobConfig, output: Output) -> None:
+    """Write a batch's scored pairs: traces and labels first, as a scores file marks the pairs done."""
+    if not scored.num_rows:
+        return
+    name = content_name(scored["query_id"], scored["doc_id"])
+    if job.run.write_traces:
+        output.write_table("traces", name, scored.select(TRACES_SCHEMA.names).cast(TRACES_SCHEMA))
+    if job.run.labels:
+        output.write_table("labels", name, relevance_labels(scored, job.engine.model, job.run.labels_answered_only))
+    output.write_table("scores", name, scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA))
