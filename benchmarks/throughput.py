@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -42,18 +43,29 @@ def timed(command: list[str]) -> tuple[float, dict]:
 
 @click.group(invoke_without_command=True)
 @click.option("--rankllm", "data", type=click.Path(exists=True, dir_okay=False), default=str(DEFAULT_DATA))
+@click.option("--top", type=int, default=100, show_default=True, help="Candidates per query (BM25 order).")
 @click.option("--budget", type=int, default=256, show_default=True, help="Reasoning tokens per pair.")
+@click.option("--only", type=click.Choice(["all", "scorer"]), default="all", help="`scorer`: (b) alone.")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Pairs per engine call in (a).")
 @click.pass_context
-def main(context, data: str, budget: int, batch_size: int) -> None:
+def main(context, data: str, top: int, budget: int, batch_size: int, only: str) -> None:
     if context.invoked_subcommand:
         return
+    import pyarrow.compute as pc
+
     from rank1_batch.prepare import from_rankllm, write_shards
 
     work = Path(tempfile.mkdtemp(prefix="rank1-bench-"))
     pairs = from_rankllm(data)
+    pairs = pairs.filter(pc.less_equal(pairs["first_stage_rank"], top))
     write_shards(pairs, str(work / "input"), rows_per_shard=500)
     me = [sys.executable, __file__, "--budget", str(budget)]
+    n = pairs.num_rows
+    if only == "scorer":
+        wall, own = timed([*me, "scorer", str(work / "input")])
+        print(f"{n} pairs, reasoning budget {budget}: scorer {n / wall:.1f} pairs/s whole process ({wall:.1f} s), "
+              f"{n / own['generate_seconds']:.1f} pairs/s once the engine is up; outcomes {own['outcomes']}")
+        return
     figures = {}
     figures["c_raw_generate"] = timed([*me, "raw", str(work / "input")])
     figures["b_scorer"] = timed([*me, "scorer", str(work / "input")])
@@ -66,7 +78,6 @@ def main(context, data: str, budget: int, batch_size: int) -> None:
     figures["a_rank1_batch_run"] = timed(run)
     manifest = json.loads((work / "output" / "_manifest.json").read_text())
 
-    n = pairs.num_rows
     raw_rate = n / figures["c_raw_generate"][0]
     print(f"{n} pairs, reasoning budget {budget}, engine {ENGINE}")
     for name, (wall, own) in figures.items():
@@ -118,8 +129,10 @@ def scorer(context, input_dir: str) -> None:
     pairs = pq.read_table(input_dir).to_pylist()
     scorer = Rank1Scorer(engine_config(budget))
     started = time.monotonic()
-    scorer.score(pairs)
-    print(json.dumps({"generate_seconds": time.monotonic() - started}))
+    results = scorer.score(pairs)
+    seconds = time.monotonic() - started
+    outcomes = Counter(result.outcome for result in results)
+    print(json.dumps({"generate_seconds": seconds, "outcomes": outcomes}))
 
 
 if __name__ == "__main__":

@@ -2,109 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
 from .checkpoint import ConfigurationChanged
-from .config import JobConfig, load_options
+from .config import JobConfig
 from .evaluate import eval_command
+from .options import engine_options, job_config, run_options
 from .prepare import prepare_command
 from .report import report_command
 from .schema import InputError
 from .stages import EngineStartError
+from .submit import logs_command, status_command, stop_command, submit_command
 
 SAMPLE = Path(__file__).parent / "assets" / "sample"
 # Errors whose own message says what is wrong and where.
 JOB_ERRORS = (InputError, ConfigurationChanged, EngineStartError, FileNotFoundError)
-
-
-def engine_options(command):
-    """Options that shape the engine and the prompt, shared by every command that scores."""
-    options = [
-        click.option("--model", help="`tiny` (bundled), a Hugging Face id, or a local or remote path."),
-        click.option("--revision", help="Model revision (branch, tag or commit)."),
-        click.option("--dtype", help="Weights dtype: auto, float16, bfloat16, float32."),
-        click.option("--max-model-len", type=int, help="Context length; prompts are fitted to it."),
-        click.option("--max-reasoning-tokens", type=int, help="Budget of generated tokens per pair."),
-        click.option("--tensor-parallel-size", type=int, help="GPUs per engine."),
-        click.option("--gpu-memory-utilization", type=float, help="Share of GPU memory for vLLM."),
-        click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None),
-        click.option("--enforce-eager/--no-enforce-eager", default=None, help="Skip graph compilation."),
-        click.option("--quantization", help="vLLM quantization method, e.g. awq."),
-        click.option("--trust-remote-code/--no-trust-remote-code", default=None),
-        click.option("--seed", type=int),
-        click.option("--engine-arg", "engine_args", multiple=True, metavar="KEY=JSON",
-                     help="Extra vLLM engine argument; repeatable."),
-        click.option("--threshold", type=float, help="Score at or above which the label is true."),
-        click.option("--task-template", help="Template with FILL_QUERY_HERE wrapping each query."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def run_options(command):
-    options = [
-        click.option("--input", "input", multiple=True, help="Parquet file, directory or glob (any fsspec URL); repeatable."),
-        click.option("--output", help="Output URL (any fsspec URL)."),
-        click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML job spec."),
-        click.option("--column", "columns", multiple=True, metavar="CONTRACT=SOURCE",
-                     help="Map an input column onto the contract, e.g. text=passage; repeatable."),
-        click.option("--top-k", type=int, help="Rerank each query's k best candidates by first-stage rank."),
-        click.option("--traces/--no-traces", "write_traces", default=None, help="Write reasoning traces."),
-        click.option("--labels/--no-labels", default=None, help="Write relevance labels to labels/."),
-        click.option("--answered-only/--all-outcomes", "labels_answered_only", default=None,
-                     help="Leave out of labels/ the pairs whose outcome is not `answered`."),
-        click.option("--trec-run/--no-trec-run", default=None, help="Write run.trec."),
-        click.option("--run-tag", help="Tag in run.trec."),
-        click.option("--engines", type=int, help="Number of engines (actors)."),
-        click.option("--min-engines", type=int, help="Autoscaling: fewest engines."),
-        click.option("--max-engines", type=int, help="Autoscaling: most engines."),
-        click.option("--cpus-per-engine", type=float),
-        click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), help="Where engines run."),
-        click.option("--batch-size", type=int, help="Pairs per engine call."),
-        click.option("--ray-address", help="Join this Ray cluster instead of starting a local one."),
-        click.option("--s3-endpoint-url", help="S3 endpoint (credentials come from the AWS environment)."),
-        click.option("--s3-profile", help="AWS profile for S3."),
-        click.option("--overwrite/--no-overwrite", default=None, help="Replace an output made with another configuration."),
-        click.option("--verbose/--quiet", default=None, help="Show Ray and vLLM logs."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def job_config(config_path: str | None, given: dict) -> JobConfig:
-    """YAML options first, then the command line's (only those given)."""
-    options = load_options(config_path) if config_path else {}
-    for key in ("input", "columns", "engine_args"):
-        if not given.get(key):
-            given.pop(key, None)
-    if "columns" in given:
-        given["columns"] = {**options.get("columns", {}), **_pairs(given["columns"], "--column", str)}
-    if "engine_args" in given:
-        given["engine_args"] = {**options.get("engine_args", {}), **_pairs(given["engine_args"], "--engine-arg", json.loads)}
-    options.update({key: value for key, value in given.items() if value is not None})
-    try:
-        return JobConfig.from_options(options)
-    except (TypeError, ValueError) as error:
-        raise click.UsageError(str(error)) from None
-
-
-def _pairs(items: tuple[str, ...], option: str, parse) -> dict:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint=option)
-        try:
-            pairs[key] = parse(value)
-        except ValueError:
-            pairs[key] = value
-    return pairs
 
 
 @click.group()
@@ -206,9 +121,16 @@ def trec_run_command(output, tag, target):
     target.write(trec_run(ranked, tag))
 
 
-main.add_command(prepare_command)
-main.add_command(report_command)
-main.add_command(eval_command)
+for command in (
+    prepare_command,
+    eval_command,
+    report_command,
+    submit_command,
+    status_command,
+    logs_command,
+    stop_command,
+):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +20,7 @@ from .checkpoint import Done, open_output
 from .config import JobConfig
 from .outputs import counts, trec_run, write_manifest, write_ranked
 from .scoring import OUTCOMES
-from .resources import actor_pool_size, engine_resources, uses_gpus
+from .resources import actor_pool_size, engine_overrides, engine_resources, uses_gpus
 from .schema import ROW_HASH, InputError, missing_columns, source_columns, to_contract
 from .storage import Output, Shard, list_input_files, read_footer, url_of
 
@@ -101,6 +102,12 @@ def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicat
     """prepare (CPU tasks) -> score and commit each batch (actor pool, one engine each)."""
     import ray
 
+    gpus = uses_gpus(job.run.device, ray.cluster_resources().get("GPU", 0))
+    # The placement a multi-GPU engine gets needs matching engine arguments; the user's win.
+    engine = dataclasses.replace(
+        job.engine, engine_args={**engine_overrides(job.engine.tensor_parallel_size, gpus), **job.engine.engine_args}
+    )
+
     prompts = pairs.map_batches(
         stages.prepare,
         fn_kwargs={"job": job, "output": output, "done": done, "duplicates": duplicates},
@@ -113,15 +120,11 @@ def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicat
     prompts = prompts.repartition(target_num_rows_per_block=job.run.batch_size)
     return prompts.map_batches(
         stages.ScorePairs,
-        fn_constructor_kwargs={"job": job, "output": output},
+        fn_constructor_kwargs={"job": dataclasses.replace(job, engine=engine), "output": output},
         compute=ray.data.ActorPoolStrategy(**actor_pool_size(job.run)),
         batch_size=job.run.batch_size,
         batch_format="pyarrow",
-        **engine_resources(
-            job.engine.tensor_parallel_size,
-            job.run.cpus_per_engine,
-            uses_gpus(job.run.device, ray.cluster_resources().get("GPU", 0)),
-        ),
+        **engine_resources(job.engine.tensor_parallel_size, job.run.cpus_per_engine, gpus),
     )
 
 

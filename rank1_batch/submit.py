@@ -8,9 +8,6 @@ checkout whose `rank1_batch/` then comes before the installed one.
 
 Storage credentials never travel with a job: the cluster's nodes get them from their IAM role
 (IRSA on EKS, an instance profile on VMs). A runtime env that carries one is refused.
-
-The commands register themselves on the `rank1-batch` group when cli.py imports this module:
-they take `run`'s options from cli.py, so cli.py cannot import them by name without a cycle.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from contextlib import contextmanager
 import click
 import yaml
 
-from .cli import engine_options, job_config, main, run, run_options
+from .options import RUN_PARAMETERS, engine_options, job_config, run_options
 from .config import JobConfig
 
 # Never uploaded with --working-dir: environments, VCS data and caches, not code.
@@ -51,7 +48,7 @@ def entrypoint(job: JobConfig) -> str:
     """The `rank1-batch run` command line that runs `job`: every option, spelled as `run` takes it."""
     values = {**dataclasses.asdict(job.engine), **dataclasses.asdict(job.scoring), **dataclasses.asdict(job.run)}
     words = ["rank1-batch", "run"]
-    for option in run.params:
+    for option in RUN_PARAMETERS:
         if option.name in values:  # all but --config, which is resolved already
             words += _option_words(option, values[option.name])
     return shlex.join(words)
@@ -211,7 +208,3 @@ def stop_command(job_id, address):
             click.echo(f"stopping {job_id}")
         else:
             click.echo(f"{job_id} is not running ({client.get_job_status(job_id)})")
-
-
-for command in (submit_command, status_command, logs_command, stop_command):
-    main.add_command(command)

@@ -3,7 +3,7 @@ from pathlib import Path
 import click
 import pytest
 
-from rank1_batch.cli import job_config
+from rank1_batch.options import job_config
 from rank1_batch.config import TINY_MODEL_DIR, JobConfig, load_options
 
 JOBS = Path(__file__).parent.parent / "jobs"
