@@ -2,8 +2,8 @@
 
     python scripts/build_sample.py        # writes rank1_batch/assets/sample/*.parquet
 
-Each query asks for one attribute of one country; its candidates state that attribute of that
-country (relevant) or something else, in a shuffled first-stage order with BM25-like scores.
+Each query asks for one attribute of one town; its candidates state that attribute of that
+town (relevant) or something else, in a shuffled first-stage order with BM25-like scores.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def _world():
     return module
 
 
-def _passage(world, rng: random.Random, country: str, attribute: str) -> str:
+def _passage(world, rng: random.Random, town: str, attribute: str) -> str:
     fact = rng.choice(world.FACT_TEMPLATES).format(
-        attribute=attribute, country=country, value=rng.choice(world.ATTRIBUTES[attribute])
+        attribute=attribute, town=town, value=rng.choice(world.ATTRIBUTES[attribute])
     )
-    sentences = [f.format(country=country) for f in rng.sample(world.FILLERS, rng.randrange(3))] + [fact]
+    sentences = rng.sample(world.FILLERS, rng.randrange(3)) + [fact]
     rng.shuffle(sentences)
     return " ".join(sentences)
 
@@ -42,24 +42,18 @@ def candidate_lists(queries: int, per_query: int, seed: int) -> pa.Table:
     rng = random.Random(seed)
     rows = []
     for number in range(queries):
-        country, attribute = rng.choice(world.COUNTRIES), rng.choice(list(world.ATTRIBUTES))
-        query = rng.choice(world.QUERY_TEMPLATES).format(attribute=attribute, country=country)
+        town, attribute = rng.choice(world.TOWNS), rng.choice(list(world.ATTRIBUTES))
+        query = rng.choice(world.QUERY_TEMPLATES).format(attribute=attribute, town=town)
         candidates = []
         for _ in range(per_query):
             relevant = rng.random() < 0.3
-            other_country = rng.choice([c for c in world.COUNTRIES if c != country])
-            other_attribute = rng.choice([a for a in world.ATTRIBUTES if a != attribute])
-            candidates.append(
-                (
-                    relevant,
-                    _passage(
-                        world,
-                        rng,
-                        country if relevant or rng.random() < 0.5 else other_country,
-                        attribute if relevant else other_attribute,
-                    ),
-                )
+            # A non-relevant candidate is about another town, another attribute, or both.
+            wrong = rng.randrange(3)
+            candidate_town = town if relevant or wrong == 1 else world._other_town(rng, town)
+            candidate_attribute = attribute if relevant or wrong == 0 else rng.choice(
+                [a for a in world.ATTRIBUTES if a != attribute]
             )
+            candidates.append((relevant, _passage(world, rng, candidate_town, candidate_attribute)))
         rng.shuffle(candidates)
         for position, (relevant, text) in enumerate(candidates, start=1):
             rows.append(

@@ -3,7 +3,7 @@
 The real Rank1 models are Qwen2.5 causal LMs that read a fixed prompt ending in
 `<think>`, write a short reasoning chain, then `</think> true` or `</think> false`.
 This script trains a ~0.5 M parameter Qwen2 model on a synthetic world of
-countries and their attributes so that it follows the same format, and saves it
+towns and their attributes so that it follows the same format, and saves it
 as a Hugging Face directory that vLLM can serve.
 
     python scripts/build_tiny_model.py                 # build, then evaluate
@@ -32,40 +32,38 @@ EOS = "<|endoftext|>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
-COUNTRIES = [
-    "Peru", "Chile", "Brazil", "Kenya", "Norway", "Japan", "Egypt", "Canada",
-    "Mexico", "India", "Spain", "Italy", "France", "Ghana", "Nepal", "Cuba",
-    "Fiji", "Mali", "Oman", "Chad", "Sweden", "Poland", "Greece", "Turkey",
-    "Vietnam", "Finland", "Ireland", "Portugal", "Morocco", "Bolivia",
-    "Iceland", "Mongolia", "Jordan", "Uganda", "Panama", "Malta", "Latvia",
-    "Senegal", "Austria", "Belgium",
-]
+# 42 towns named "<first> <second>". Two-word names from small word sets let a
+# tiny model compare towns word by word (7-way and 6-way), which it learns far
+# faster than telling apart 42 single-token names.
+FIRST_WORDS = ["North", "South", "East", "West", "New", "Old", "Port"]
+SECOND_WORDS = ["Haven", "Ridge", "Field", "Brook", "Stone", "Vale"]
+TOWNS = [f"{first} {second}" for first in FIRST_WORDS for second in SECOND_WORDS]
 
 # Attribute -> pool of values. Values are drawn at random: only whether the
-# passage states the queried attribute of the queried country decides relevance.
+# passage states the queried attribute of the queried town decides relevance.
 ATTRIBUTES = {
-    "capital": ["Lima", "Quito", "Oslo", "Tokyo", "Cairo", "Nairobi", "Accra", "Hanoi", "Rome", "Madrid"],
-    "population": [f"{n} million" for n in range(2, 90, 7)],
-    "language": ["Spanish", "French", "Arabic", "English", "Swahili", "Greek", "Polish", "Hindi"],
-    "currency": ["the peso", "the euro", "the dollar", "the rupee", "the yen", "the krone", "the dinar"],
-    "climate": ["dry", "humid", "cold", "mild", "tropical", "windy"],
-    "area": [f"{n} thousand square kilometres" for n in range(40, 990, 70)],
-    "cuisine": ["rice and beans", "grilled fish", "spicy stew", "flat bread", "corn soup", "lamb"],
-    "anthem": ["Land of Hope", "Our Bright Sun", "The Free River", "Song of the Hills"],
+    "population": [f"{n} thousand people" for n in range(5, 200, 15)],
+    "climate": ["dry", "humid", "cold", "mild", "rainy", "windy"],
+    "mayor": ["Anna Berg", "Tom Reyes", "Lena Park", "Omar Diaz", "Mia Stone", "Ravi Shah"],
+    "industry": ["fishing", "mining", "farming", "tourism", "shipping", "weaving"],
+    "festival": ["a spring fair", "a lantern parade", "a music week", "a harvest feast"],
+    "landmark": ["an old bridge", "a clock tower", "a lighthouse", "a stone castle"],
+    "river": ["the Oda", "the Lune", "the Tarn", "the Esk", "the Wye"],
+    "speciality": ["smoked fish", "apple cake", "goat cheese", "honey bread", "plum wine"],
 }
 
 QUERY_TEMPLATES = [
-    "what is the {attribute} of {country}",
-    "{country} {attribute}",
-    "{attribute} of {country}",
-    "tell me the {attribute} of {country}",
+    "what is the {attribute} of {town}",
+    "{town} {attribute}",
+    "{attribute} of {town}",
+    "tell me the {attribute} of {town}",
 ]
 FACT_TEMPLATES = [
-    "The {attribute} of {country} is {value}.",
-    "{country} has {value} as its {attribute}.",
+    "The {attribute} of {town} is {value}.",
+    "{town} has {value} as its {attribute}.",
 ]
 FILLERS = [
-    "It is a country with a long history.",
+    "It is a town with a long history.",
     "Many travellers visit every year.",
     "Local markets sell fresh food.",
     "The roads are busy in the summer.",
@@ -78,40 +76,51 @@ def build_prompt(query, passage):
     return PROMPT_TEMPLATE.format(query=query, passage=passage)
 
 
+def _other_town(rng, town):
+    """A different town; two times in three it shares one word, so both words must be checked."""
+    first, second = town.split()
+    kind = rng.randrange(3)
+    if kind == 0:
+        candidates = [f"{first} {w}" for w in SECOND_WORDS if w != second]
+    elif kind == 1:
+        candidates = [f"{w} {second}" for w in FIRST_WORDS if w != first]
+    else:
+        candidates = [t for t in TOWNS if t != town]
+    return rng.choice(candidates)
+
+
 def _example(rng):
     """One (query, passage, reasoning, label); the reasoning excludes `</think>`."""
     attributes = list(ATTRIBUTES)
-    query_country, query_attribute = rng.choice(COUNTRIES), rng.choice(attributes)
+    query_town, query_attribute = rng.choice(TOWNS), rng.choice(attributes)
     label = rng.random() < 0.5
-    passage_country, passage_attribute = query_country, query_attribute
+    passage_town, passage_attribute = query_town, query_attribute
     if not label:
-        # Equal thirds of wrong country, wrong attribute, or both, so neither
-        # half of the match can be skipped.
+        # Equal thirds of wrong town, wrong attribute, or both.
         kind = rng.randrange(3)
         if kind in (0, 2):
-            passage_country = rng.choice([c for c in COUNTRIES if c != query_country])
+            passage_town = _other_town(rng, query_town)
         if kind in (1, 2):
             passage_attribute = rng.choice([a for a in attributes if a != query_attribute])
 
-    query = rng.choice(QUERY_TEMPLATES).format(attribute=query_attribute, country=query_country)
+    query = rng.choice(QUERY_TEMPLATES).format(attribute=query_attribute, town=query_town)
     fact = rng.choice(FACT_TEMPLATES).format(
-        attribute=passage_attribute, country=passage_country, value=rng.choice(ATTRIBUTES[passage_attribute])
+        attribute=passage_attribute, town=passage_town, value=rng.choice(ATTRIBUTES[passage_attribute])
     )
-    fillers = rng.sample(FILLERS, rng.randrange(3))
-    sentences = fillers + [fact]
+    sentences = rng.sample(FILLERS, rng.randrange(3)) + [fact]
     rng.shuffle(sentences)
     passage = " ".join(sentences)
 
     reasoning = (
-        f" The query asks about the {query_attribute} of {query_country}."
-        f" The passage is about the {passage_attribute} of {passage_country}."
+        f" The query asks about the {query_attribute} of {query_town}."
+        f" The passage is about the {passage_attribute} of {passage_town}."
     )
     # One comparison per sentence, stopping at the first mismatch: a tiny model
     # learns these far better than one joint verdict, and the length varies.
-    if passage_country != query_country:
-        reasoning += " The country differs."
+    if passage_town != query_town:
+        reasoning += " The town differs."
     else:
-        reasoning += " The country matches."
+        reasoning += " The town matches."
         reasoning += " The topic matches." if label else " The topic differs."
     return query, passage, reasoning, label
 
@@ -254,7 +263,7 @@ def evaluate(model_dir, n, seed, batch_size=50):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--steps", type=int, default=1000, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--learning-rate", type=float, default=2e-3, show_default=True)
+@click.option("--learning-rate", type=float, default=3e-3, show_default=True)
 @click.option("--vocab-size", type=int, default=800, show_default=True)
 @click.option("--eval-pairs", type=int, default=400, show_default=True)
 @click.option("--eval-only", is_flag=True, help="Evaluate the existing --output directory without training.")
