@@ -12,6 +12,7 @@ its steady-state time (engine already up), which is printed beside it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections import Counter
 import sys
@@ -109,6 +110,7 @@ def raw(context, input_dir: str) -> None:
 
     budget = context.parent.params["budget"]
     prompts, _ = _prompts(input_dir, budget)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # as the scorer's engine has it
     llm = LLM(**engine_arguments(engine_config(budget)))
     params = SamplingParams(temperature=0.0, max_tokens=budget, stop=list(prompt.STOP_STRINGS), skip_special_tokens=False)
     started = time.monotonic()
