@@ -131,9 +131,9 @@ def s3_endpoint():
 @pytest.fixture(scope="session")
 def ray_session(s3_endpoint):
     """One local Ray for the session, started after the S3 credentials are in the environment
-    so that its workers inherit them."""
+    so that its workers inherit them; yields its session directory (its logs are there)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield context.address_info["session_dir"]
     ray.shutdown()

@@ -15,7 +15,7 @@ from rank1_batch.config import JobConfig
 from rank1_batch.pipeline import run
 from rank1_batch.schema import InputError, RANKED_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA
 
-from .conftest import candidate_lists, pair_keys, read_dir, tiny_job, write_shards
+from .conftest import S3_TEST_ENV, candidate_lists, pair_keys, read_dir, tiny_job, write_shards
 
 def check_ranked(ranked: pa.Table, scores: pa.Table) -> None:
     """Ranks are 1..n per query, in score order, then first-stage rank, then doc_id."""
@@ -104,7 +104,7 @@ def test_column_mapping_and_integer_ids(ray_session, tmp_path):
     assert not (tmp_path / "output" / "traces").exists() and not (tmp_path / "output" / "run.trec").exists()
 
 
-def test_s3_to_s3(ray_session, s3_endpoint, tmp_path):
+def test_s3_to_s3(ray_session, s3_endpoint, tmp_path, capfd):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="pairs")
     pairs = candidate_lists(queries=3, per_query=4, seed=3)
@@ -124,3 +124,16 @@ def test_s3_to_s3(ray_session, s3_endpoint, tmp_path):
         assert pair_keys(pa.concat_tables(tables)) == pair_keys(pairs)
     assert manifest["counts"]["scored"] == pairs.num_rows
     assert json.loads(s3.get_object(Bucket="pairs", Key="out/_manifest.json")["Body"].read()) == manifest
+
+    # The credentials appear nowhere: not in any object written, the output, or the logs.
+    secret = S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"].encode()
+    key_id = S3_TEST_ENV["AWS_ACCESS_KEY_ID"].encode()
+    for key in keys:
+        body = s3.get_object(Bucket="pairs", Key=key)["Body"].read()
+        assert secret not in body and key_id not in body, key
+    captured = capfd.readouterr()
+    assert secret.decode() not in captured.out + captured.err
+    session_logs = Path(ray_session) / "logs"
+    for log in session_logs.rglob("*"):
+        if log.is_file():
+            assert secret not in log.read_bytes(), log
