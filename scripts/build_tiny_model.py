@@ -205,7 +205,7 @@ def train(tokenizer, examples, seed, steps, batch_size, learning_rate):
     model = Qwen2ForCausalLM(config)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    warmup = steps // 20
+    warmup = max(1, steps // 20)
     # Short warmup, then cosine decay so the last steps settle.
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -270,7 +270,7 @@ def evaluate(model_dir, n, seed, batch_size=50):
 def main(output, seed, steps, batch_size, learning_rate, vocab_size, eval_pairs, eval_only):
     import torch
 
-    # One thread and deterministic kernels make reruns byte-identical.
+    # A fixed thread count and deterministic kernels make reruns byte-identical.
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     if not eval_only:
