@@ -85,12 +85,13 @@ def test_placement_group_is_made_by_ray(ray_session):
 # against hardware): the actor holds none, and the tasks it starts with one GPU each, as vLLM's Ray
 # executor starts its workers, run inside the actor's group on GPUs 0 and 1.
 MULTI_GPU_POOL = """
-import json, ray, ray.data
+import json, time, ray, ray.data
 from ray.util import get_current_placement_group
 from rank1_batch.resources import engine_resources
 
 @ray.remote(num_cpus=0, num_gpus=1)
 def rank():
+    time.sleep(3)  # both ranks hold their GPU at once, as vLLM's workers do
     return ray.get_gpu_ids()
 
 class Engine:
