@@ -6,6 +6,7 @@ import pytest
 
 from rank1_batch import prompt
 from rank1_batch.scorer import Pair
+from rank1_batch.scoring import Outcome
 
 from .reference import reference_scores
 
@@ -25,6 +26,29 @@ def test_scores_equal_the_reference_where_it_answered(scorer, fresh_pairs):
     for mine, ref in answered:
         assert mine.outcome == "answered"
         assert mine.score == pytest.approx(ref, abs=1e-4)
+
+
+def test_label_pass_reads_what_the_main_pass_would_have(scorer, fresh_pairs):
+    """Reading the labels at every main-pass step (the costly way) gives the same logprobs."""
+    from vllm import SamplingParams, TokensPrompt
+
+    engine = scorer.engine
+    encoded = [scorer.encoder.encode(p.query, p.text).token_ids for p in fresh_pairs[:16]]
+    labels = [scorer.encoder.true_id, scorer.encoder.false_id]
+    every_step = SamplingParams(
+        temperature=0.0,
+        max_tokens=scorer.engine_config.max_reasoning_tokens,
+        stop=list(prompt.STOP_STRINGS),
+        skip_special_tokens=False,
+        logprob_token_ids=labels,
+    )
+    outputs = engine.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], every_step, use_tqdm=False)
+    ours = engine.generate(encoded)
+    answered = [(o.outputs[0].logprobs[-1], g.judgement) for o, g in zip(outputs, ours) if g.judgement.outcome == "answered"]
+    assert len(answered) >= 12
+    for last_step, judgement in answered:
+        assert judgement.logprob_true == pytest.approx(last_step[labels[0]].logprob, abs=1e-6)
+        assert judgement.logprob_false == pytest.approx(last_step[labels[1]].logprob, abs=1e-6)
 
 
 def test_labels_agree_with_what_the_model_wrote(scorer, synthetic):
@@ -65,7 +89,8 @@ def test_tiny_budget_forces_the_label(scorer, fresh_pairs):
 def test_forced_pass_that_does_not_fit_falls_back(scorer, fresh_pairs):
     prompt_ids = scorer.encoder.encode(fresh_pairs[0].query, fresh_pairs[0].text).token_ids
     reasoning = "The passage is long. " * 400  # far beyond the 1,024-token context
-    judgement, = scorer.engine.force_labels([prompt_ids], [reasoning])
+    forced = scorer.encoder.forced_ids(prompt_ids, reasoning)
+    judgement, = scorer.engine.read_labels([(Outcome.FORCED, forced)])
     assert judgement.outcome.value == "fallback" and judgement.score == 0.5
 
 
