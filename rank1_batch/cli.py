@@ -9,6 +9,7 @@ import click
 
 from .checkpoint import ConfigurationChanged
 from .config import JobConfig
+from .encoding import ContextTooShort
 from .evaluate import eval_command
 from .options import engine_options, job_config, run_options
 from .prepare import prepare_command
@@ -19,7 +20,7 @@ from .submit import logs_command, status_command, stop_command, submit_command
 
 SAMPLE = Path(__file__).parent / "assets" / "sample"
 # Errors whose own message says what is wrong and where.
-JOB_ERRORS = (InputError, ConfigurationChanged, EngineStartError, FileNotFoundError)
+JOB_ERRORS = (InputError, ConfigurationChanged, EngineStartError, ContextTooShort, FileNotFoundError)
 
 
 @click.group()

@@ -25,11 +25,12 @@ class EngineConfig:
     model: str = TINY_MODEL
     revision: str | None = None
     dtype: str = "auto"
-    max_model_len: int = 16000
+    max_model_len: int | None = None  # None: the reference's 16,000, or the model's own context if shorter
     max_reasoning_tokens: int = 8192
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    block_size: int | None = None  # KV-cache block in tokens; None: 32 on CPU, vLLM's default on GPU
     enforce_eager: bool = False
     quantization: str | None = None
     trust_remote_code: bool = False

@@ -12,6 +12,12 @@ from .config import EngineConfig, ScoringConfig
 # The forced pass appends "\n", the cut reasoning, "\n" and `</think>`, then reads one token:
 # room kept beyond the reasoning budget so that pass fits whenever the main pass did.
 FORCED_PASS_ROOM = 4
+# The reference procedure's context length.
+REFERENCE_MAX_MODEL_LEN = 16000
+
+
+class ContextTooShort(ValueError):
+    """The reasoning budget leaves no room for a prompt in the context."""
 
 
 class PromptTooLong(ValueError):
@@ -37,6 +43,19 @@ def load_tokenizer(engine: EngineConfig) -> Any:
     )
 
 
+def context_length(engine: EngineConfig) -> int:
+    """`max_model_len` as configured, else the reference's, or the model's own context if shorter
+    (the bundled tiny model has 4,096)."""
+    if engine.max_model_len:
+        return engine.max_model_len
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        engine.model_path, revision=engine.revision, trust_remote_code=engine.trust_remote_code
+    )
+    return min(REFERENCE_MAX_MODEL_LEN, getattr(config, "max_position_embeddings", None) or REFERENCE_MAX_MODEL_LEN)
+
+
 class PromptEncoder:
     """Builds Rank1 prompts as token ids.
 
@@ -48,8 +67,14 @@ class PromptEncoder:
     def __init__(self, tokenizer: Any, engine: EngineConfig, scoring: ScoringConfig):
         self.tokenizer = tokenizer
         self.scoring = scoring
-        self.max_model_len = engine.max_model_len
-        self.prompt_limit = engine.max_model_len - engine.max_reasoning_tokens - FORCED_PASS_ROOM
+        self.max_model_len = context_length(engine)
+        self.prompt_limit = self.max_model_len - engine.max_reasoning_tokens - FORCED_PASS_ROOM
+        if self.prompt_limit <= 0:
+            raise ContextTooShort(
+                f"max_reasoning_tokens {engine.max_reasoning_tokens} leaves no room for a prompt in the "
+                f"{self.max_model_len}-token context of {engine.model}: lower --max-reasoning-tokens "
+                "or raise --max-model-len"
+            )
         self.think_open_id = self._control_token(prompt.THINK_OPEN)
         self.think_close_id = self._control_token(prompt.THINK_CLOSE)
         self.true_id = self._label_id(prompt.LABEL_TRUE)

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from . import prompt
 from .config import EngineConfig
-from .encoding import PromptEncoder
+from .encoding import PromptEncoder, context_length
 from .scoring import Judgement, Outcome, answered_label, judge
 
 
@@ -21,14 +21,28 @@ class Generation:
     reasoning_tokens: int
 
 
+# The smallest KV-cache block the CPU attention kernels take (vLLM's CPU default is 128). Prefix
+# caching reuses whole blocks only, so small blocks let candidates of one query share the query's
+# prompt prefix, and let the label pass reuse nearly all of the prefix it re-reads.
+CPU_BLOCK_SIZE = 32
+
+
+def default_block_size() -> int | None:
+    """`CPU_BLOCK_SIZE` on a CPU build of vLLM; elsewhere vLLM's own choice (16 on GPUs)."""
+    from vllm.platforms import current_platform
+
+    return CPU_BLOCK_SIZE if current_platform.is_cpu() else None
+
+
 def engine_arguments(engine: EngineConfig) -> dict:
     """Keyword arguments of `vllm.LLM` for this configuration."""
     arguments = dict(
+        block_size=engine.block_size or default_block_size(),
         model=engine.model_path,
         revision=engine.revision,
         tokenizer_revision=engine.revision,
         dtype=engine.dtype,
-        max_model_len=engine.max_model_len,
+        max_model_len=context_length(engine),
         tensor_parallel_size=engine.tensor_parallel_size,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         enable_prefix_caching=engine.enable_prefix_caching,

@@ -21,6 +21,7 @@ def engine_options(command):
         click.option("--tensor-parallel-size", type=int, help="GPUs per engine."),
         click.option("--gpu-memory-utilization", type=float, help="Share of GPU memory for vLLM."),
         click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None),
+        click.option("--block-size", type=int, help="KV-cache block in tokens (default: 32 on CPU, vLLM's on GPU)."),
         click.option("--enforce-eager/--no-enforce-eager", default=None, help="Skip graph compilation."),
         click.option("--quantization", help="vLLM quantization method, e.g. awq."),
         click.option("--trust-remote-code/--no-trust-remote-code", default=None),

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import stages
@@ -60,7 +61,7 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
     done = open_output(output, job)
     connect(job)
 
-    duplicates = find_duplicates(read(fs, shards, job, keys_only=True), job.run.columns)
+    duplicates = find_duplicates(fs, shards, job)
     committed = score_and_commit(read(fs, shards, job), job, output, done, duplicates)
     input_rows = sum(shard.rows for shard in shards)
     to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
@@ -132,20 +133,34 @@ def key_columns(job: JobConfig) -> list[str]:
     return [job.run.columns.get(name, name) for name in ("query_id", "doc_id")]
 
 
-def find_duplicates(keys, columns: dict[str, str]) -> pa.Table:
+def find_duplicates(fs, shards: list[Shard], job: JobConfig) -> pa.Table | None:
     """Each (query_id, doc_id) that occurs more than once, with the row to keep: the one with the
     lowest row hash, which is the same on every read, so a re-run keeps the same row.
 
-    Only the two key columns are read; they are gathered on the driver (about 40 bytes a pair).
+    Only the two key columns are read, and gathered on the driver (about 40 bytes a pair). A key
+    rarely repeats, so they are read here first; only when one does is the input read again
+    through Ray Data, for the row hashes that tell the repeated rows apart.
     """
-    batches = keys.iter_batches(batch_format="pyarrow", batch_size=None)
+    if not has_repeated_keys(fs, shards, job):
+        return None
+    batches = read(fs, shards, job, keys_only=True).iter_batches(batch_format="pyarrow", batch_size=None)
     table = pa.concat_tables(
-        [to_contract(batch, columns).select(["query_id", "doc_id", ROW_HASH]) for batch in batches]
-        or [pa.table({"query_id": pa.array([], pa.string()), "doc_id": pa.array([], pa.string()), ROW_HASH: pa.array([], pa.uint64())})]
+        [to_contract(batch, job.run.columns).select(["query_id", "doc_id", ROW_HASH]) for batch in batches]
     )
     counted = table.group_by(["query_id", "doc_id"]).aggregate([(ROW_HASH, "count"), (ROW_HASH, "min")])
     repeated = counted.filter(pc.greater(counted[f"{ROW_HASH}_count"], 1))
     return repeated.select(["query_id", "doc_id", f"{ROW_HASH}_min"]).rename_columns(["query_id", "doc_id", "keep_row_hash"])
+
+
+def has_repeated_keys(fs, shards: list[Shard], job: JobConfig) -> bool:
+    def keys(shard: Shard) -> pa.Table:
+        with fs.open(shard.path, "rb") as handle:
+            table = pq.read_table(handle, columns=key_columns(job))
+        return to_contract(table, job.run.columns).select(["query_id", "doc_id"])
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        table = pa.concat_tables(pool.map(keys, shards))
+    return table.group_by(["query_id", "doc_id"]).aggregate([]).num_rows < table.num_rows
 
 
 def follow(committed, total: int, show_progress: bool) -> int:

@@ -56,7 +56,7 @@ def _encoder(job: JobConfig) -> PromptEncoder:
     return _encoders[key]
 
 
-def prepare(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table) -> pa.Table:
+def prepare(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None) -> pa.Table:
     """Skip work already done, validate rows, keep the top k, and build each prompt. Rows set
     aside (rejected, or beyond the top k) are written here and pass on without a prompt, so the
     progress display can count them."""

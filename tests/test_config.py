@@ -4,7 +4,8 @@ import click
 import pytest
 
 from rank1_batch.options import job_config
-from rank1_batch.config import TINY_MODEL_DIR, JobConfig, load_options
+from rank1_batch.config import TINY_MODEL_DIR, EngineConfig, JobConfig, ScoringConfig, load_options
+from rank1_batch.encoding import ContextTooShort, PromptEncoder, context_length
 
 JOBS = Path(__file__).parent.parent / "jobs"
 
@@ -47,3 +48,13 @@ def test_bad_option_value_is_a_usage_error():
     with pytest.raises(click.BadParameter) as error:
         job_config(None, {"columns": ("nonsense",)})
     assert "--column" in error.value.format_message()
+
+
+def test_context_is_the_references_unless_the_model_has_less():
+    assert context_length(EngineConfig(model="tiny")) == 4096  # the bundled model's own
+    assert context_length(EngineConfig(model="tiny", max_model_len=1024)) == 1024
+
+
+def test_budget_that_leaves_no_room_for_a_prompt_is_refused_with_what_to_change():
+    with pytest.raises(ContextTooShort, match="max_reasoning_tokens 8192 .* 4096-token context .*--max-reasoning-tokens"):
+        PromptEncoder.for_model(EngineConfig(model="tiny"), ScoringConfig())

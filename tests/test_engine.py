@@ -136,3 +136,9 @@ def test_same_pairs_twice_give_the_same_scores(scorer, fresh_pairs):
     first = [r.score for r in scorer.score(fresh_pairs[:16])]
     again = [r.score for r in scorer.score(list(reversed(fresh_pairs[:16])))]
     assert first == list(reversed(again))
+
+
+def test_cpu_build_uses_small_cache_blocks(scorer):
+    from rank1_batch.engine import CPU_BLOCK_SIZE
+
+    assert scorer.engine.llm.llm_engine.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE
