@@ -1,6 +1,6 @@
 """Pairs per second three ways on the same pairs, engine settings and reasoning budget.
 
-    .venv/bin/python benchmarks/throughput.py [--rankllm ../shared/data/trec-dl19/bm25_top100.json]
+    .venv/bin/python benchmarks/throughput.py [--rankllm ../shared/data/trec-dl19/bm25_top100.json] [--repeat 3]
 
 (a) `rank1-batch run` end to end (Parquet in, Parquet out, ranked output included),
 (b) the scorer in one process without Ray,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections import Counter
 import sys
@@ -33,6 +34,11 @@ def engine_config(budget: int):
     return EngineConfig(**ENGINE, max_reasoning_tokens=budget)
 
 
+def median_run(runs: list[tuple[float, dict]]) -> tuple[float, dict]:
+    """The run with the median wall time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda run: run[0])[(len(runs) - 1) // 2]
+
+
 def timed(command: list[str]) -> tuple[float, dict]:
     """Wall time of a whole process, and the JSON line it printed last (its own figures)."""
     started = time.monotonic()
@@ -48,8 +54,11 @@ def timed(command: list[str]) -> tuple[float, dict]:
 @click.option("--budget", type=int, default=256, show_default=True, help="Reasoning tokens per pair.")
 @click.option("--only", type=click.Choice(["all", "scorer"]), default="all", help="`scorer`: (b) alone.")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Pairs per engine call in (a).")
+@click.option("--repeat", type=int, default=1, show_default=True,
+              help="Rounds of (c), (b), (a); each figure is the median over the rounds, as one run's speed "
+                   "drifts by several per cent on a shared machine.")
 @click.pass_context
-def main(context, data: str, top: int, budget: int, batch_size: int, only: str) -> None:
+def main(context, data: str, top: int, budget: int, batch_size: int, only: str, repeat: int) -> None:
     if context.invoked_subcommand:
         return
     import pyarrow.compute as pc
@@ -67,24 +76,37 @@ def main(context, data: str, top: int, budget: int, batch_size: int, only: str) 
         print(f"{n} pairs, reasoning budget {budget}: scorer {n / wall:.1f} pairs/s whole process ({wall:.1f} s), "
               f"{n / own['generate_seconds']:.1f} pairs/s once the engine is up; outcomes {own['outcomes']}")
         return
-    figures = {}
-    figures["c_raw_generate"] = timed([*me, "raw", str(work / "input")])
-    figures["b_scorer"] = timed([*me, "scorer", str(work / "input")])
     run = [
         str(Path(sys.executable).parent / "rank1-batch"), "run", "--input", str(work / "input"),
-        "--output", str(work / "output"), "--max-reasoning-tokens", str(budget), "--batch-size", str(batch_size),
+        "--output", str(work / "output"), "--max-reasoning-tokens", str(budget),
+        "--batch-size", str(batch_size),
         *[f"--{key.replace('_', '-')}={value}" for key, value in ENGINE.items() if key != "enforce_eager"],
         "--enforce-eager",
     ]
-    figures["a_rank1_batch_run"] = timed(run)
+    commands = {
+        "c_raw_generate": [*me, "raw", str(work / "input")],
+        "b_scorer": [*me, "scorer", str(work / "input")],
+        "a_rank1_batch_run": run,
+    }
+    rounds: dict[str, list[tuple[float, dict]]] = {name: [] for name in commands}
+    for round_number in range(repeat):
+        for name, command in commands.items():
+            if name == "a_rank1_batch_run":
+                shutil.rmtree(work / "output", ignore_errors=True)  # a fresh run, not a resume
+            rounds[name].append(timed(command))
+        if repeat > 1:
+            walls = {name: runs[-1][0] for name, runs in rounds.items()}
+            print(f"round {round_number + 1}: " + ", ".join(f"{name} {wall:.1f} s" for name, wall in walls.items())
+                  + f"; (a)/(c) {walls['c_raw_generate'] / walls['a_rank1_batch_run']:.2f}", flush=True)
+    figures = {name: median_run(walls) for name, walls in rounds.items()}
     manifest = json.loads((work / "output" / "_manifest.json").read_text())
 
     raw_rate = n / figures["c_raw_generate"][0]
-    print(f"{n} pairs, reasoning budget {budget}, engine {ENGINE}")
+    print(f"{n} pairs, reasoning budget {budget}, engine {ENGINE}" + (f", median of {repeat} rounds" if repeat > 1 else ""))
     for name, (wall, own) in figures.items():
         steady = f", steady state {n / own['generate_seconds']:.1f} pairs/s" if "generate_seconds" in own else ""
         print(f"{name:20s} {wall:7.1f} s  {n / wall:6.1f} pairs/s  ratio to (c) {n / wall / raw_rate:.2f}{steady}")
-    print(f"(a) outcomes {manifest['counts']['outcomes']}, its own wall time {manifest['wall_seconds']} s")
+    print(f"(a) outcomes {manifest['counts']['outcomes']} (last round, its own wall time {manifest['wall_seconds']} s)")
 
 
 def _prompts(input_dir: str, budget: int):
