@@ -98,7 +98,7 @@ def main(context, data: str, top: int, budget: int, batch_size: int, only: str, 
             walls = {name: runs[-1][0] for name, runs in rounds.items()}
             print(f"round {round_number + 1}: " + ", ".join(f"{name} {wall:.1f} s" for name, wall in walls.items())
                   + f"; (a)/(c) {walls['c_raw_generate'] / walls['a_rank1_batch_run']:.2f}", flush=True)
-    figures = {name: median_run(walls) for name, walls in rounds.items()}
+    figures = {name: median_run(runs) for name, runs in rounds.items()}
     manifest = json.loads((work / "output" / "_manifest.json").read_text())
 
     raw_rate = n / figures["c_raw_generate"][0]

@@ -99,7 +99,7 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
-def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table):
+def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None):
     """prepare (CPU tasks) -> score and commit each batch (actor pool, one engine each)."""
     import ray
 
@@ -153,6 +153,7 @@ def find_duplicates(fs, shards: list[Shard], job: JobConfig) -> pa.Table | None:
 
 
 def has_repeated_keys(fs, shards: list[Shard], job: JobConfig) -> bool:
+    """Whether any (query_id, doc_id) occurs twice, from the key columns read on the driver."""
     def keys(shard: Shard) -> pa.Table:
         with fs.open(shard.path, "rb") as handle:
             table = pq.read_table(handle, columns=key_columns(job))
