@@ -14,21 +14,30 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .config import JobConfig
-from .outputs import MANIFEST
+from .config import JobConfig, JobError
+from .lease import LEASE_FILE
+from .outputs import JOB_FILE, LAYOUT, MANIFEST
 from .schema import ROW_HASH
 from .storage import Output
 
-JOB_FILE = "_job.json"
 KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])
-# Options that do not change what a run writes; anything else must match to resume.
-_FREE_ENGINE = {"tensor_parallel_size", "gpu_memory_utilization", "enable_prefix_caching"}
+# Options that do not change what a run writes; anything else must match to resume. Prefix
+# caching is not free: the label pass reads each answered pair's label from the prefix the main
+# pass left in the cache, and a recomputed prefix may round differently.
+_FREE_ENGINE = {"tensor_parallel_size", "gpu_memory_utilization"}
 _FREE_RUN = {"output", "engines", "min_engines", "max_engines", "cpus_per_engine", "device", "batch_size",
-             "ray_address", "s3_endpoint_url", "s3_profile", "overwrite", "verbose", "trec_run", "run_tag"}
+             "ray_address", "s3_endpoint_url", "s3_profile", "overwrite", "verbose", "trec_run", "run_tag",
+             "placement_timeout", "stall_timeout", "max_failed_share"}
+# What an output made before an option existed ran with: it resumes as that, not as today's default.
+_BEFORE_OPTION = {"engine": {"fit": "budget", "enable_prefix_caching": True}}
 
 
-class ConfigurationChanged(ValueError):
+class ConfigurationChanged(JobError):
     """The output was made with another job configuration."""
+
+
+class NotAnOutput(JobError):
+    """The output URL holds something rank1-batch did not write."""
 
 
 def identity(job: JobConfig) -> dict:
@@ -37,6 +46,14 @@ def identity(job: JobConfig) -> dict:
     described["engine"] = {k: v for k, v in described["engine"].items() if k not in _FREE_ENGINE}
     described["run"] = {k: v for k, v in described["run"].items() if k not in _FREE_RUN}
     return described
+
+
+def recorded_identity(output: Output) -> dict:
+    """The identity in an output's `_job.json`, with options it predates filled in as they ran."""
+    recorded = json.loads(output.fs.cat_file(output.path(JOB_FILE)))
+    for part, defaults in _BEFORE_OPTION.items():
+        recorded[part] = {**defaults, **recorded.get(part, {})}
+    return recorded
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -58,25 +75,39 @@ class Done:
     rejected_rows: pa.Array  # row_hash of input rows already in rejects/
 
 
-def open_output(output: Output, job: JobConfig) -> Done:
-    """Claim the output for this job and return what it already holds.
+def check_output(output: Output, job: JobConfig) -> None:
+    """Refuse, before anything is written, an output this job may not use: one that holds
+    something other than a rank1-batch output, or one made with another configuration (unless
+    `overwrite`). Reads only."""
+    entries = [path.rstrip("/").rsplit("/", 1)[-1] for path in output.fs.ls(output.root)] if output.fs.exists(output.root) else []
+    entries = [name for name in entries if name != LEASE_FILE]
+    if not entries:
+        return
+    if JOB_FILE not in entries:
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise NotAnOutput(
+            f"{output.url} holds files that rank1-batch did not write ({shown}) and no {JOB_FILE}; "
+            "nothing was changed: choose an empty or new --output"
+        )
+    if not job.run.overwrite:
+        changed = differences(recorded_identity(output), identity(job))
+        if changed:
+            raise ConfigurationChanged(
+                f"{output.url} was made with another job configuration ({'; '.join(changed)}); "
+                "run with --overwrite to replace that run's outputs, or choose another --output"
+            )
 
-    An output made with another configuration is refused unless `overwrite` is set, in which
-    case it is emptied first.
-    """
-    if output.fs.exists(output.root) and output.fs.ls(output.root):
-        if job.run.overwrite:
-            output.fs.rm(output.root, recursive=True)
-        elif not output.exists(JOB_FILE):
-            raise ConfigurationChanged(f"{output.url} is not empty and was not made by rank1-batch; use --overwrite")
-        else:
-            changed = differences(json.loads(output.fs.cat_file(output.path(JOB_FILE))), identity(job))
-            if changed:
-                raise ConfigurationChanged(
-                    f"{output.url} was made with another job configuration ({'; '.join(changed)}); "
-                    "run with --overwrite to replace it, or choose another --output"
-                )
-    if output.exists(MANIFEST):
+
+def open_output(output: Output, job: JobConfig) -> Done:
+    """Claim a checked output for this job (the caller holds its lease) and return what it
+    already holds. With `overwrite`, the previous run's outputs (the layout's paths, nothing
+    else) are removed first."""
+    check_output(output, job)
+    if job.run.overwrite:
+        for name in LAYOUT:
+            if output.exists(name):
+                output.fs.rm(output.path(name), recursive=True)
+    elif output.exists(MANIFEST):
         output.fs.rm(output.path(MANIFEST))
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())
     _remove_orphans(output)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from .checkpoint import ConfigurationChanged
-from .config import JobConfig
+from .config import JobConfig, JobError
 from .encoding import ContextTooShort
 from .evaluate import eval_command
 from .options import engine_options, job_config, run_options
@@ -20,13 +24,17 @@ from .submit import logs_command, status_command, stop_command, submit_command
 
 SAMPLE = Path(__file__).parent / "assets" / "sample"
 # Errors whose own message says what is wrong and where.
-JOB_ERRORS = (InputError, ConfigurationChanged, EngineStartError, ContextTooShort, FileNotFoundError)
+JOB_ERRORS = (JobError, InputError, EngineStartError, ContextTooShort, FileNotFoundError)
+
+log = logging.getLogger("rank1_batch")
 
 
 @click.group()
 @click.version_option(package_name="rank1-batch")
 def main():
     """Rerank query-candidate pairs with Rank1 reasoning rerankers on Ray Data and vLLM."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
 
 
 @main.command()
@@ -34,13 +42,45 @@ def main():
 @engine_options
 def run(config_path, **given):
     """Score, rank and write every pair of --input under --output."""
-    from .pipeline import run as run_job
-
     job = job_config(config_path, given)
     if not job.run.input or not job.run.output:
         raise click.UsageError("--input and --output are required (on the command line or in --config)")
-    manifest = report_errors(run_job, job)
+    run_and_report(job)
+
+
+def run_and_report(job: JobConfig) -> None:
+    """Run the job, print its summary, and exit non-zero when too many pairs failed."""
+    from .pipeline import run as run_job
+
+    for warning in job.ineffective_options():
+        log.warning(warning)
+    with sigterm_as_exit():
+        manifest = report_errors(run_job, job)
     click.echo(summary_line(manifest, job.run.output))
+    failed, total = failed_pairs(manifest["counts"])
+    if failed and (failed == total or failed / total > job.run.max_failed_share):
+        raise click.ClickException(
+            f"{failed} of {total} input pairs ({failed / total:.1%}) were rejected or fell back, more than "
+            f"--max-failed-share {job.run.max_failed_share:g}: see rejects/ and the scores whose outcome is fallback"
+        )
+
+
+def failed_pairs(counts: dict) -> tuple[int, int]:
+    """Pairs rejected or scored by the fallback, and all input pairs."""
+    return counts["rejected"] + counts["outcomes"].get("fallback", 0), counts["input"]
+
+
+@contextmanager
+def sigterm_as_exit():
+    """SIGTERM (a stopped job, an evicted pod) unwinds like Ctrl-C, so the output's lease is released."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def report_errors(function, *arguments):
@@ -78,16 +118,15 @@ def summary_line(manifest: dict, output: str) -> str:
 
 
 @main.command()
-@click.argument("output", required=False, default="demo-output")
+@click.argument("output", required=False)
 def demo(output):
-    """Run the whole pipeline on the bundled sample with the bundled tiny model."""
-    from .pipeline import run as run_job
-
+    """Run the whole pipeline on the bundled sample with the bundled tiny model, into OUTPUT
+    (new, empty, or an earlier demo's, which resumes) or else a new rank1-demo-* directory here."""
+    output = output or tempfile.mkdtemp(prefix="rank1-demo-", dir=os.getcwd())
     job = JobConfig.from_options(
         {
             "input": [str(SAMPLE)],
             "output": str(Path(output).resolve()),
-            "overwrite": True,
             "model": "tiny",
             "dtype": "bfloat16",
             "max_model_len": 2048,
@@ -95,8 +134,7 @@ def demo(output):
             "enforce_eager": True,
         }
     )
-    manifest = report_errors(run_job, job)
-    click.echo(summary_line(manifest, job.run.output))
+    run_and_report(job)
     click.echo(
         f"\nOutputs under {job.run.output}: scores/, traces/, ranked/, run.trec, _manifest.json\n"
         "Look at them with, for example:\n"

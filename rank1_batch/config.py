@@ -9,8 +9,23 @@ from typing import Any
 
 import yaml
 
+from .prompt import QUERY_PLACEHOLDER
+
 TINY_MODEL = "tiny"
 TINY_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-rank1"
+# How a prompt meets the context: `reference` keeps the prompt whole and shrinks the reasoning
+# budget to what is left, as the public reference does; `budget` cuts the passage so that the
+# whole budget fits.
+FIT_POLICIES = ("reference", "budget")
+DEVICES = ("auto", "gpu", "cpu")
+
+
+class JobError(Exception):
+    """A run refused or stopped for a reason its message states in full."""
+
+
+class ModelRequired(JobError):
+    pass
 
 
 def resolve_model(model: str) -> str:
@@ -20,13 +35,17 @@ def resolve_model(model: str) -> str:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How one vLLM engine is built. Defaults follow the reference procedure."""
+    """How one vLLM engine is built. Defaults follow the reference procedure.
 
-    model: str = TINY_MODEL
+    `model` has no default: a run names it (`tiny` is the bundled toy, used only when named).
+    """
+
+    model: str | None = None
     revision: str | None = None
     dtype: str = "auto"
     max_model_len: int | None = None  # None: the reference's 16,000, or the model's own context if shorter
     max_reasoning_tokens: int = 8192
+    fit: str = "reference"  # see FIT_POLICIES
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
@@ -37,8 +56,28 @@ class EngineConfig:
     seed: int = 0
     engine_args: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        positive = {"max_reasoning_tokens": self.max_reasoning_tokens, "tensor_parallel_size": self.tensor_parallel_size,
+                    "max_model_len": self.max_model_len, "block_size": self.block_size}
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{_flag(name)} must be at least 1, not {value}")
+        if self.fit not in FIT_POLICIES:
+            raise ValueError(f"{_flag('fit')} {self.fit!r}: expected {' or '.join(FIT_POLICIES)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], not {self.gpu_memory_utilization}")
+        owned = sorted(set(self.engine_args) & ENGINE_ARGS_OWNED)
+        if owned:
+            raise ValueError(
+                f"--engine-arg {', '.join(owned)}: set by its own option ({', '.join(map(_flag, owned))})"
+            )
+
     @property
     def model_path(self) -> str:
+        if not self.model:
+            raise ModelRequired(
+                "no model: give --model (or model: in a job spec), e.g. jhu-clsp/rank1-7b; `--model tiny` is the bundled toy"
+            )
         return resolve_model(self.model)
 
 
@@ -48,6 +87,12 @@ class ScoringConfig:
 
     threshold: float = 0.5
     task_template: str | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"--threshold must be in [0, 1], not {self.threshold}")
+        if self.task_template is not None and QUERY_PLACEHOLDER not in self.task_template:
+            raise ValueError(f"--task-template must contain {QUERY_PLACEHOLDER}, where the query goes")
 
 
 @dataclass(frozen=True)
@@ -63,7 +108,7 @@ class RunConfig:
     labels_answered_only: bool = False
     trec_run: bool = True
     run_tag: str = "rank1"
-    engines: int | None = 1
+    engines: int | None = None  # a fixed pool; without it and without min/max, one engine
     min_engines: int | None = None
     max_engines: int | None = None
     cpus_per_engine: float = 1.0
@@ -74,6 +119,32 @@ class RunConfig:
     s3_profile: str | None = None
     overwrite: bool = False
     verbose: bool = False
+    # Seconds an engine may wait to be placed (an autoscaling cluster may add a node meanwhile).
+    placement_timeout: float = 600.0
+    # Seconds without a committed batch after which the run fails: well above one batch at the
+    # reference budget (8,192 tokens) on a GPU, and above a first batch that waits for weights.
+    stall_timeout: float = 1800.0
+    # Share of input pairs rejected or fallen back above which the run exits non-zero.
+    max_failed_share: float = 0.05
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"--device {self.device!r}: expected {', '.join(DEVICES)}")
+        if self.engines is not None and (self.min_engines is not None or self.max_engines is not None):
+            raise ValueError("give --engines (a fixed pool) or --min-engines/--max-engines (autoscaling), not both")
+        for name in ("engines", "min_engines", "max_engines", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{_flag(name)} must be at least 1, not {value}")
+        if self.min_engines and self.max_engines and self.min_engines > self.max_engines:
+            raise ValueError(f"--min-engines {self.min_engines} is more than --max-engines {self.max_engines}")
+        if self.cpus_per_engine < 0:
+            raise ValueError(f"--cpus-per-engine must not be negative, not {self.cpus_per_engine}")
+        for name in ("placement_timeout", "stall_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{_flag(name)} must be a positive number of seconds")
+        if not 0 <= self.max_failed_share <= 1:
+            raise ValueError(f"--max-failed-share must be in [0, 1], not {self.max_failed_share}")
 
 
 @dataclass(frozen=True)
@@ -97,11 +168,32 @@ class JobConfig:
             raise ValueError(f"unknown job option(s): {', '.join(sorted(options))}")
         return cls(**parts)
 
+    def ineffective_options(self) -> list[str]:
+        """Options set to something that cannot take effect with the others."""
+        found = []
+        if self.run.labels_answered_only and not self.run.labels:
+            found.append("--answered-only has no effect without --labels")
+        if self.run.run_tag != RunConfig.run_tag and not self.run.trec_run:
+            found.append("--run-tag has no effect with --no-trec-run")
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (the input URLs as a list)."""
         described = dataclasses.asdict(self)
         described["run"]["input"] = list(self.run.input)
         return described
+
+
+# vLLM engine arguments that a typed option sets: an --engine-arg may not set them behind its back.
+ENGINE_ARGS_OWNED = {
+    "model", "revision", "tokenizer_revision", "dtype", "max_model_len", "tensor_parallel_size",
+    "gpu_memory_utilization", "enable_prefix_caching", "block_size", "enforce_eager", "quantization",
+    "trust_remote_code", "seed",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def load_options(path: str | Path) -> dict[str, Any]:

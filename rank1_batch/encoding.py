@@ -17,11 +17,12 @@ REFERENCE_MAX_MODEL_LEN = 16000
 
 
 class ContextTooShort(ValueError):
-    """The reasoning budget leaves no room for a prompt in the context."""
+    """The reasoning budget leaves no room for a prompt in the context (`budget` fit)."""
 
 
 class PromptTooLong(ValueError):
-    """Not even the prompt without its passage fits the context beside the reasoning budget."""
+    """The prompt cannot fit the context: whole (`reference` fit), or without its passage beside
+    the reasoning budget (`budget` fit)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,11 @@ def context_length(engine: EngineConfig) -> int:
 
 
 class PromptEncoder:
-    """Builds Rank1 prompts as token ids.
+    """Builds Rank1 prompts as token ids, fitted to the context by the configured policy.
+
+    `reference` keeps every prompt whole, as the reference does, and leaves its pair whatever
+    reasoning budget the context has room for; `budget` cuts the passage so that the whole budget
+    fits. Either way `FORCED_PASS_ROOM` tokens stay free beside the reasoning for the forced pass.
 
     Query and passage text is tokenised with the tokenizer's special tokens split into plain
     text, so a passage that spells `</think>` (or any control token) cannot end the reasoning;
@@ -67,14 +72,20 @@ class PromptEncoder:
     def __init__(self, tokenizer: Any, engine: EngineConfig, scoring: ScoringConfig):
         self.tokenizer = tokenizer
         self.scoring = scoring
+        self.fit = engine.fit
         self.max_model_len = context_length(engine)
-        self.prompt_limit = self.max_model_len - engine.max_reasoning_tokens - FORCED_PASS_ROOM
-        if self.prompt_limit <= 0:
-            raise ContextTooShort(
-                f"max_reasoning_tokens {engine.max_reasoning_tokens} leaves no room for a prompt in the "
-                f"{self.max_model_len}-token context of {engine.model}: lower --max-reasoning-tokens "
-                "or raise --max-model-len"
-            )
+        self.max_reasoning_tokens = engine.max_reasoning_tokens
+        if self.fit == "reference":
+            # room for at least one reasoning token and the forced pass
+            self.prompt_limit = self.max_model_len - 1 - FORCED_PASS_ROOM
+        else:
+            self.prompt_limit = self.max_model_len - engine.max_reasoning_tokens - FORCED_PASS_ROOM
+            if self.prompt_limit <= 0:
+                raise ContextTooShort(
+                    f"max_reasoning_tokens {engine.max_reasoning_tokens} leaves no room for a prompt in the "
+                    f"{self.max_model_len}-token context of {engine.model}: lower --max-reasoning-tokens "
+                    "or raise --max-model-len"
+                )
         self.think_open_id = self._control_token(prompt.THINK_OPEN)
         self.think_close_id = self._control_token(prompt.THINK_CLOSE)
         self.true_id = self._label_id(prompt.LABEL_TRUE)
@@ -94,10 +105,6 @@ class PromptEncoder:
         # The reference takes the first token of the label word, as the model writes it.
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)[0]
 
-    def text_ids(self, text: str) -> list[int]:
-        """Plain text as token ids: control tokens spelt in it stay text."""
-        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-
     def _prompt_ids(self, query: str, passage: str) -> list[int]:
         body = self.tokenizer.encode(prompt.prompt_body(query, passage), split_special_tokens=True)
         return body + [self.think_open_id]
@@ -105,12 +112,19 @@ class PromptEncoder:
     def encode(
         self, query: str, text: str, title: str | None = None, instruction: str | None = None
     ) -> EncodedPrompt:
-        """The prompt for a pair, its passage cut at a token boundary if the prompt is too long."""
+        """The prompt for a pair; under the `budget` fit its passage is cut at a token boundary if the
+        prompt is too long."""
         query = prompt.query_text(query, instruction, self.scoring.task_template)
         passage = prompt.passage_text(text, title)
         ids = self._prompt_ids(query, passage)
         if len(ids) <= self.prompt_limit:
             return EncodedPrompt(ids, truncated=False)
+        if self.fit == "reference":
+            raise PromptTooLong(
+                f"the prompt takes {len(ids)} tokens, more than the {self.prompt_limit} that max_model_len "
+                f"{self.max_model_len} leaves beside one reasoning token and the forced pass "
+                "(--fit budget cuts the passage instead)"
+            )
         without_passage = len(self._prompt_ids(query, ""))
         if without_passage > self.prompt_limit:
             raise PromptTooLong(
@@ -130,6 +144,13 @@ class PromptEncoder:
                 return EncodedPrompt(ids, truncated=True)
             keep = max(0, keep - overshoot)
 
-    def forced_ids(self, prompt_ids: list[int], reasoning: str) -> list[int]:
-        """The forced pass's prompt: the main prompt, the cut reasoning, then `</think>`."""
-        return prompt_ids + self.text_ids(prompt.forced_continuation(reasoning)) + [self.think_close_id]
+    def reasoning_budget(self, prompt_tokens: int) -> int:
+        """A pair's reasoning budget: the configured one, or, if less, what the context leaves beside
+        the prompt and the forced pass (only a `reference` fit prompt can leave less)."""
+        return min(self.max_reasoning_tokens, self.max_model_len - prompt_tokens - FORCED_PASS_ROOM)
+
+    def forced_ids(self, prompt_ids: list[int], generated: str) -> list[int]:
+        """The forced pass's prompt: the main prompt, then all the main pass generated, cut to its
+        last sentence end, and `</think>`, tokenised as the reference's text is (control tokens
+        parsed)."""
+        return prompt_ids + self.tokenizer.encode(prompt.forced_continuation(generated), add_special_tokens=False)

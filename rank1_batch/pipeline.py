@@ -1,5 +1,6 @@
 """The whole flow of a run: read pairs, prepare prompts, score them on an actor pool, write.
 
+    checks (inputs, output, model, resources; nothing written yet) -> lease on the output ->
     Parquet shards -> prepare (validate, top-k, prompt; set-aside rows written) -> score (one
     vLLM engine per actor; each batch committed to traces/ and scores/) -> ranked/, run.trec
     -> _manifest.json
@@ -8,7 +9,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import queue
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -17,18 +22,29 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import stages
-from .checkpoint import Done, open_output
-from .config import JobConfig
+from .checkpoint import Done, check_output, open_output
+from .cluster import connect, is_own_cluster
+from .config import JobConfig, JobError
+from .encoding import PromptEncoder
+from .lease import Lease
 from .outputs import counts, trec_run, write_manifest, write_ranked
 from .scoring import OUTCOMES
-from .resources import actor_pool_size, engine_overrides, engine_resources, uses_gpus
+from .resources import (
+    PREPARE_CPUS,
+    actor_pool_size,
+    check_placement,
+    engine_overrides,
+    engine_resources,
+    uses_gpus,
+)
 from .schema import ROW_HASH, InputError, missing_columns, source_columns, to_contract
 from .storage import Output, Shard, list_input_files, read_footer, url_of
 
-# Building prompts is light next to generation and needs less than a core. A request unlike the
-# engine actors' also keeps Ray from fusing prompt building into them, where it would hold up
-# the engine.
-PREPARE_CPUS = 0.5
+log = logging.getLogger(__name__)
+
+
+class Stalled(JobError):
+    """No batch was committed within the stall limit."""
 
 
 def inspect_inputs(job: JobConfig) -> tuple[object, list[Shard]]:
@@ -43,34 +59,40 @@ def inspect_inputs(job: JobConfig) -> tuple[object, list[Shard]]:
     return fs, shards
 
 
-def connect(job: JobConfig) -> None:
-    """Join the cluster named by --ray-address (or RAY_ADDRESS), else start a local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=job.run.ray_address, include_dashboard=False, log_to_driver=job.run.verbose)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = job.run.verbose
-
-
 def run(job: JobConfig, show_progress: bool = True) -> dict:
-    """Run the job to the end and return its manifest. A re-run into the same output resumes."""
+    """Run the job to the end and return its manifest. A re-run into the same output resumes.
+
+    Everything that can refuse the job is checked before the output is touched, so a refused
+    re-run leaves a finished run's results as they were."""
     started = time.monotonic()
     fs, shards = inspect_inputs(job)
     output = Output(job.run.output, job.run)
-    done = open_output(output, job)
+    check_output(output, job)
+    PromptEncoder.for_model(job.engine, job.scoring)  # the model's tokenizer and the context budget
     connect(job)
+    gpus = place_engines(job)
 
-    duplicates = find_duplicates(fs, shards, job)
-    committed = score_and_commit(read(fs, shards, job), job, output, done, duplicates)
-    input_rows = sum(shard.rows for shard in shards)
-    to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
-    scored_now = follow(committed, to_do, show_progress) if to_do > 0 else 0
+    with Lease(output):
+        done = open_output(output, job)
+        duplicates = find_duplicates(fs, shards, job)
+        committed = score_and_commit(read(fs, shards, job), job, output, done, duplicates, gpus)
+        input_rows = sum(shard.rows for shard in shards)
+        to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
+        scored_now = follow(committed, to_do, show_progress, job.run.stall_timeout) if to_do > 0 else 0
 
-    ranked = write_ranked(output)
-    if job.run.trec_run:
-        output.write_bytes("run.trec", trec_run(ranked, job.run.run_tag).encode())
-    return write_manifest(output, job, counts(output, input_rows), scored_now, time.monotonic() - started)
+        ranked = write_ranked(output)
+        if job.run.trec_run:
+            output.write_bytes("run.trec", trec_run(ranked, job.run.run_tag).encode())
+        return write_manifest(output, job, counts(output, input_rows), scored_now, time.monotonic() - started)
+
+
+def place_engines(job: JobConfig) -> bool:
+    """Whether the engines use GPUs, once it is known that the cluster can hold them."""
+    import ray
+
+    gpus = uses_gpus(job.run.device, ray.cluster_resources().get("GPU", 0))
+    check_placement(job.run, job.engine.tensor_parallel_size, gpus, is_own_cluster(job.run))
+    return gpus
 
 
 def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
@@ -99,11 +121,10 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
-def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None):
+def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None, gpus: bool):
     """prepare (CPU tasks) -> score and commit each batch (actor pool, one engine each)."""
     import ray
 
-    gpus = uses_gpus(job.run.device, ray.cluster_resources().get("GPU", 0))
     # The placement a multi-GPU engine gets needs matching engine arguments; the user's win.
     engine = dataclasses.replace(
         job.engine, engine_args={**engine_overrides(job.engine.tensor_parallel_size, gpus), **job.engine.engine_args}
@@ -164,15 +185,60 @@ def has_repeated_keys(fs, shards: list[Shard], job: JobConfig) -> bool:
     return table.group_by(["query_id", "doc_id"]).aggregate([]).num_rows < table.num_rows
 
 
-def follow(committed, total: int, show_progress: bool) -> int:
+def follow(committed, total: int, show_progress: bool, stall_timeout: float) -> int:
     """Drive the dataset to the end, showing pairs done and outcomes as batches are committed;
-    return how many pairs were scored."""
+    return how many pairs were scored. No commit for `stall_timeout` seconds fails the run."""
+    commits: queue.Queue = queue.Queue()
+
+    def drain():
+        try:
+            for batch in committed.iter_batches(batch_format="pyarrow", batch_size=None):
+                commits.put(batch)
+            commits.put(None)
+        except BaseException as error:  # handed to the driver's thread, which raises it
+            commits.put(error)
+
+    threading.Thread(target=drain, name="commits", daemon=True).start()
     outcomes = dict.fromkeys(OUTCOMES, 0)
     with tqdm(total=total, unit="pair", desc="scoring", disable=not show_progress, dynamic_ncols=True) as bar:
-        for batch in committed.iter_batches(batch_format="pyarrow", batch_size=None):
+        while True:
+            try:
+                batch = commits.get(timeout=stall_timeout)
+            except queue.Empty:
+                raise Stalled(stall_message(stall_timeout, bar.n, total)) from None
+            if batch is None:
+                break
+            if isinstance(batch, BaseException):
+                raise batch
             for row in batch.to_pylist():
                 bar.update(row["pairs"])
                 for outcome in outcomes:
                     outcomes[outcome] += row[outcome]
                 bar.set_postfix(outcomes, refresh=False)
     return sum(outcomes.values())
+
+
+def stall_message(seconds: float, done: int, total: int) -> str:
+    """What holds the work when nothing is committed, from the states of this job's engine actors."""
+    states = engine_actor_states()
+    alive, starting = states.get("ALIVE", 0), states.get("PENDING_CREATION", 0) + states.get("RESTARTING", 0)
+    if starting:
+        stage = f"{starting} engine actor(s) still starting (loading the model), {alive} ready"
+    elif alive:
+        stage = f"{alive} engine actor(s) scoring, none has finished a batch in time (a batch too slow, or a hung engine)"
+    else:
+        stage = "no engine actor has been placed (the cluster may lack the resources the pool asks for)"
+    first = "its first batch" if done == 0 else "a batch since"
+    return (f"no batch committed for {seconds:g} s (--stall-timeout) after {done} of {total} pairs: the score "
+            f"stage has not committed {first}: {stage}; committed outputs are kept, and a re-run resumes")
+
+
+def engine_actor_states() -> Counter:
+    """How many of this job's engine actors are in each state, from the cluster's actor table."""
+    import ray
+    from ray._private.state import actors
+
+    job = ray.get_runtime_context().get_job_id()
+    engines = [actor for actor in actors().values()
+               if actor["JobID"] == job and stages.ScorePairs.__name__ in actor["ActorClassName"]]
+    return Counter(actor["State"] for actor in engines)

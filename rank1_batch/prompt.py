@@ -18,16 +18,22 @@ _LAST_SENTENCE_END = re.compile(r"^(.*[.!?])", re.DOTALL)
 
 
 def query_text(query: str, instruction: str | None = None, task_template: str | None = None) -> str:
-    """The query as it goes into the prompt: instruction appended, then wrapped in the task template."""
-    if instruction and instruction != query:
-        query = f"{query} {instruction}".strip()
+    """The query as it goes into the prompt: instruction appended, then wrapped in the task template.
+
+    The reference's rule: an instruction (any but None, even an empty one) gives
+    `f"{query} {instruction}".strip()`, or the stripped query when the two are equal once stripped.
+    """
+    if instruction is not None:
+        query = query.strip() if query.strip() == instruction.strip() else f"{query} {instruction}".strip()
     if task_template:
         query = task_template.replace(QUERY_PLACEHOLDER, query)
     return query
 
 
 def passage_text(text: str, title: str | None = None) -> str:
-    return f"{title} {text}" if title else text
+    """A title is prepended whenever there is one, even an empty one (the reference tests for the
+    key, not its value); None is no title."""
+    return text if title is None else f"{title} {text}"
 
 
 def prompt_body(query: str, passage: str) -> str:
@@ -45,10 +51,11 @@ def cut_to_last_sentence(reasoning: str) -> str:
     return (match.group(1) if match else reasoning).strip()
 
 
-def forced_continuation(reasoning: str) -> str:
-    """Text that follows the prompt in the forced pass, up to (not including) the closing `</think>`.
+def forced_continuation(generated: str) -> str:
+    """What follows the prompt in the forced pass: `"\\n" + cut + "\\n</think>"`, as the reference
+    builds it from all the main pass generated, a `</think>` it wrote included.
 
-    The reference builds `prompt + "\\n" + reasoning + "\\n</think>"`; the closing tag is appended
-    as its control-token id by the engine so reasoning text can never spell it.
+    Tokenised with control tokens parsed, as the reference's text prompt is: the closing tag, and
+    any the model wrote, are the control token.
     """
-    return "\n" + cut_to_last_sentence(reasoning) + "\n"
+    return f"\n{cut_to_last_sentence(generated)}\n{THINK_CLOSE}"

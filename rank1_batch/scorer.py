@@ -10,6 +10,10 @@ from .config import EngineConfig, ScoringConfig
 from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong, load_tokenizer
 
 
+# Engine options that shape each request rather than the running engine.
+REQUEST_OPTIONS = ("max_reasoning_tokens", "fit")
+
+
 @dataclass(frozen=True)
 class Pair:
     query: str
@@ -62,13 +66,13 @@ class Rank1Scorer:
         )
         self.engine = Rank1Engine(self.engine_config, self.encoder, llm)
 
-    def with_options(self, max_reasoning_tokens: int | None = None, **scoring) -> "Rank1Scorer":
-        """Another scorer on the same running engine, with another reasoning budget or scoring
-        options (threshold, task_template): no second engine start."""
-        engine = self.engine_config
-        if max_reasoning_tokens is not None:
-            engine = dataclasses.replace(engine, max_reasoning_tokens=max_reasoning_tokens)
-        return Rank1Scorer(engine, dataclasses.replace(self.scoring, **scoring), self.engine.llm)
+    def with_options(self, **options) -> "Rank1Scorer":
+        """Another scorer on the same running engine, with other request options (reasoning budget,
+        fit policy) or scoring options (threshold, task_template): no second engine start."""
+        engine = {name: options.pop(name) for name in REQUEST_OPTIONS if name in options}
+        return Rank1Scorer(
+            dataclasses.replace(self.engine_config, **engine), dataclasses.replace(self.scoring, **options), self.engine.llm
+        )
 
     def score(self, pairs: Iterable[Pair | Mapping]) -> list[PairScore]:
         encoded = [encode_pair(self.encoder, _as_pair(pair)) for pair in pairs]

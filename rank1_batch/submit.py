@@ -25,11 +25,12 @@ from contextlib import contextmanager
 import click
 import yaml
 
+from .cluster import ClusterError, token_refused, use_auth_token
 from .options import RUN_PARAMETERS, engine_options, job_config, run_options
 from .config import JobConfig
 
 # Never uploaded with --working-dir: environments, VCS data and caches, not code.
-WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info", "demo-output", "output"]
+WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info", "rank1-demo-*", "output"]
 CREDENTIAL_WORDS = {"secret", "token", "password", "passwd", "credential", "credentials"}
 CREDENTIAL_PAIRS = {("access", "key"), ("private", "key"), ("api", "key")}
 POLL_SECONDS = 2.0
@@ -111,12 +112,18 @@ def load_runtime_env(path: str | None) -> dict:
 
 @contextmanager
 def job_api(address: str | None):
-    """A client of the cluster's Jobs API; its errors (unreachable, unknown job) end the command."""
+    """A client of the cluster's Jobs API, sending the authentication token if there is one; its
+    errors (unreachable, token missing or refused, unknown job) end the command."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
+        source = use_auth_token()
         yield JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError) as error:
+    except AuthenticationError:
+        shown = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+        raise click.ClickException(token_refused(shown, source)) from None
+    except (ConnectionError, RuntimeError, ClusterError) as error:
         raise click.ClickException(str(error)) from None
 
 

@@ -134,6 +134,7 @@ def ray_session(s3_endpoint):
     so that its workers inherit them; yields its session directory (its logs are there)."""
     import ray
 
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a Ray of the session's own, never a cluster some `ray start` left recorded.
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield context.address_info["session_dir"]
     ray.shutdown()

@@ -5,7 +5,7 @@ import pytest
 
 from rank1_batch.options import job_config
 from rank1_batch.config import TINY_MODEL_DIR, EngineConfig, JobConfig, ScoringConfig, load_options
-from rank1_batch.encoding import ContextTooShort, PromptEncoder, context_length
+from rank1_batch.encoding import FORCED_PASS_ROOM, ContextTooShort, PromptEncoder, PromptTooLong, context_length
 
 JOBS = Path(__file__).parent.parent / "jobs"
 
@@ -57,4 +57,17 @@ def test_context_is_the_references_unless_the_model_has_less():
 
 def test_budget_that_leaves_no_room_for_a_prompt_is_refused_with_what_to_change():
     with pytest.raises(ContextTooShort, match="max_reasoning_tokens 8192 .* 4096-token context .*--max-reasoning-tokens"):
-        PromptEncoder.for_model(EngineConfig(model="tiny"), ScoringConfig())
+        PromptEncoder.for_model(EngineConfig(model="tiny", fit="budget"), ScoringConfig())
+
+
+def test_reference_fit_keeps_a_prompt_whole_and_leaves_it_the_room_there_is():
+    encoder = PromptEncoder.for_model(EngineConfig(model="tiny"), ScoringConfig())  # budget 8192 > context 4096
+    assert encoder.reasoning_budget(100) == 4096 - 100 - FORCED_PASS_ROOM
+    assert encoder.reasoning_budget(encoder.prompt_limit) == 1  # the longest prompt kept: one reasoning token
+    query = "what is the river of Old Vale"
+    fits = encoder.encode(query, "The river of Old Vale is the Esk. " * 400)
+    assert len(fits.token_ids) > 3000 and not fits.truncated
+    with pytest.raises(PromptTooLong, match=r"takes \d+ tokens, more than the 4091 that max_model_len 4096 .*--fit budget"):
+        encoder.encode(query, "The river of Old Vale is the Esk. " * 1000)
+    small_budget = PromptEncoder.for_model(EngineConfig(model="tiny", max_reasoning_tokens=128), ScoringConfig())
+    assert small_budget.reasoning_budget(100) == 128

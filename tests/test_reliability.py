@@ -55,7 +55,7 @@ def bad_rows(tmp_path: Path) -> tuple[Path, dict]:
 
 def test_bad_input_is_rejected_row_by_row_and_the_rest_scored(ray_session, tmp_path):
     input_dir, expected_rejects = bad_rows(tmp_path)
-    manifest = run(tiny_job(input=[str(input_dir)], output=str(tmp_path / "output")), show_progress=False)
+    manifest = run(tiny_job(input=[str(input_dir)], output=str(tmp_path / "output"), fit="budget"), show_progress=False)
     scores, rejects = read_dir(tmp_path / "output" / "scores"), read_dir(tmp_path / "output" / "rejects")
     reasons = {reason: count for reason, count in zip(*pc.value_counts(rejects["reason"]).flatten())}
     assert {reason.as_py(): count.as_py() for reason, count in reasons.items()} == expected_rejects
@@ -70,11 +70,11 @@ def test_bad_input_is_rejected_row_by_row_and_the_rest_scored(ray_session, tmp_p
     assert bad_bytes["text"].to_pylist() == ["bad \ufffd\ufffd bytes"]
 
     # The same output with another configuration is refused before anything runs...
-    changed = tiny_job(input=[str(input_dir)], output=str(tmp_path / "output"), max_reasoning_tokens=32)
+    changed = tiny_job(input=[str(input_dir)], output=str(tmp_path / "output"), fit="budget", max_reasoning_tokens=32)
     with pytest.raises(ConfigurationChanged, match=r"max_reasoning_tokens: 64 -> 32.*--overwrite"):
         run(changed, show_progress=False)
     # ...and the same configuration resumes with nothing left to do.
-    again = run(tiny_job(input=[str(input_dir)], output=str(tmp_path / "output")), show_progress=False)
+    again = run(tiny_job(input=[str(input_dir)], output=str(tmp_path / "output"), fit="budget"), show_progress=False)
     assert again["scored_this_run"] == 0 and again["counts"] == manifest["counts"]
 
 

@@ -18,6 +18,9 @@ from rank1_batch.resources import (
     engine_overrides,
     engine_placement,
     engine_resources,
+    placement_bundles,
+    run_needs,
+    shortfall,
     uses_gpus,
 )
 
@@ -125,13 +128,33 @@ def test_device_choice(device, cluster_gpus, expected):
     assert uses_gpus(device, cluster_gpus) is expected
 
 
-def test_unknown_device_is_refused():
-    with pytest.raises(ValueError, match="--device"):
-        uses_gpus("tpu", 0)
-
-
 def test_actor_pool_is_fixed_or_autoscaling():
+    assert actor_pool_size(RunConfig()) == {"size": 1}
     assert actor_pool_size(RunConfig(engines=3)) == {"size": 3}
     assert actor_pool_size(RunConfig(min_engines=1, max_engines=8)) == {"min_size": 1, "max_size": 8}
-    with pytest.raises(ValueError, match="--min-engines"):
-        actor_pool_size(RunConfig(min_engines=4, max_engines=2))
+    assert actor_pool_size(RunConfig(max_engines=4)) == {"min_size": 1, "max_size": 4}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"min_engines": 4, "max_engines": 2}, "--min-engines 4 is more than --max-engines 2"),
+        ({"engines": 2, "min_engines": 1}, "not both"),
+        ({"min_engines": 0}, "--min-engines must be at least 1"),
+        ({"engines": 0}, "--engines must be at least 1"),
+        ({"device": "tpu"}, "--device 'tpu'"),
+        ({"max_failed_share": 1.5}, "--max-failed-share"),
+    ],
+)
+def test_contradictory_pool_and_device_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig(**options)
+
+
+def test_run_needs_the_smallest_pool_and_a_prepare_task():
+    assert run_needs(RunConfig(engines=2), 1, gpus=False) == {"CPU": 2.5, "GPU": 0}
+    assert run_needs(RunConfig(min_engines=2, max_engines=8, cpus_per_engine=4), 2, gpus=True) == {"CPU": 8.5, "GPU": 4}
+    assert shortfall({"CPU": 2.5, "GPU": 0}, {"CPU": 2.0}) == ["CPU"]
+    assert shortfall({"CPU": 1.5, "GPU": 1}, {"CPU": 2.0}) == ["GPU"]
+    assert placement_bundles(RunConfig(engines=2, cpus_per_engine=4), 2, gpus=True) == [
+        {"CPU": 4, "GPU": 2}, {"CPU": 4, "GPU": 2}, {"CPU": 0.5}]

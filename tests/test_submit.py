@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -26,7 +27,7 @@ from rank1_batch.cli import SAMPLE, job_config, main, run
 from rank1_batch.config import EngineConfig, JobConfig, RunConfig, ScoringConfig
 from rank1_batch.submit import WORKING_DIR_EXCLUDES, entrypoint, for_cluster, runtime_env
 
-from .conftest import ROOT
+from .conftest import ROOT, candidate_lists, tiny_run_options, write_shards
 
 VENV_BIN = Path(sys.executable).parent
 TINY_OPTIONS = ["--model", "tiny", "--dtype", "bfloat16", "--max-model-len", "1024",
@@ -42,8 +43,8 @@ def parse_run(line: str) -> JobConfig:
 
 
 def every_option_changed() -> JobConfig:
-    """A job whose every option differs from its default (every flag flipped), with values that
-    need quoting."""
+    """A job whose every option differs from its default (every flag flipped; --engines, which
+    excludes --min-engines/--max-engines, aside), with values that need quoting."""
     flipped = {
         f.name: not f.default
         for part in (EngineConfig, ScoringConfig, RunConfig)
@@ -60,7 +61,7 @@ def every_option_changed() -> JobConfig:
             "threshold": 0.25, "task_template": "Find \"passages\" that answer: FILL_QUERY_HERE's $HOME",
             "input": ["s3://bucket/with space/", "/data/a.parquet"], "output": "s3://bucket/out/",
             "columns": {"text": "passage", "query_id": "qid"}, "top_k": 50, "run_tag": "tag;rm -rf",
-            "engines": 3, "min_engines": 2, "max_engines": 5, "cpus_per_engine": 2.5, "device": "gpu",
+            "min_engines": 2, "max_engines": 5, "cpus_per_engine": 2.5, "device": "gpu",
             "batch_size": 64, "s3_endpoint_url": "http://minio:9000", "s3_profile": "batch",
         }
     )
@@ -134,14 +135,26 @@ def test_submit_refuses_before_contacting_a_cluster(extra, message):
     assert result.exit_code == 2 and message in result.output
 
 
-# A Ray head of the test's own, beside the session's in-process Ray (`ray_session`).
+# A Ray head of the test's own, beside the session's in-process Ray (`ray_session`), with token
+# authentication on.
 #
 # Every port it listens on is chosen here, and its temp dir is its own, so the two clusters share
 # nothing. It is stopped through its own `ray start --block` process and the processes under it
 # (stop_head). `ray stop` is not used: in Ray 2.60 it has no way to name a cluster and kills every
 # Ray process on the machine, the session's own Ray and other test runs' included.
+#
+# The commands that talk to it run as processes of their own, as a user runs them: this process
+# holds the session Ray's token (Ray loads a token once per process), and their HOME is their own,
+# so this machine's ~/.ray/auth_token neither leaks into them nor is touched.
 
 WORKER_PORTS = ("21000", "21999")  # outside Ray's default range (10002-19999) and Linux's ephemeral one
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    dashboard: str  # the Jobs API, for submit/status/logs/stop
+    gcs: str  # for run --ray-address
+    token: str
 
 
 def free_port() -> int:
@@ -150,12 +163,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_job_api(dashboard: str, head: subprocess.Popen, log: Path) -> None:
+def wait_for_job_api(dashboard: str, agent: str, token: str, head: subprocess.Popen, log: Path) -> None:
+    """Until the Jobs API answers and the head's dashboard agent, which runs the jobs, is up: the
+    API turns a job away when the agent is not there within 10 s, as on a busy machine."""
     deadline = time.monotonic() + 120
+    probes = [urllib.request.Request(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"}),
+              urllib.request.Request(f"{agent}/api/healthz")]
     while True:
         try:
-            with urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=2):
-                return
+            for probe in probes:
+                with urllib.request.urlopen(probe, timeout=2):
+                    pass
+            return
         except OSError as error:
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"no job API at {dashboard} ({error}):\n{log.read_text()[-3000:]}") from None
@@ -180,21 +199,21 @@ def stop_head(head: subprocess.Popen) -> None:
 def ray_head(ray_session):
     # Short: Ray's socket paths live under it, and a Unix socket path is at most 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="r1head-"))
-    dashboard_port = free_port()
+    dashboard_port, gcs_port, agent_port = free_port(), free_port(), free_port()
     ports = {
-        "--port": free_port(), "--dashboard-port": dashboard_port,
-        "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+        "--port": gcs_port, "--dashboard-port": dashboard_port,
+        "--dashboard-agent-listen-port": agent_port, "--dashboard-agent-grpc-port": free_port(),
         "--ray-client-server-port": free_port(), "--runtime-env-agent-port": free_port(),
         "--metrics-export-port": free_port(), "--node-manager-port": free_port(),
         "--object-manager-port": free_port(),
     }
     # The head runs `rank1-batch` from this environment, as a cluster node runs it from its image;
-    # RAY_ADDRESS of the session's Ray must not leak into the head's jobs. Token authentication
-    # is set here, not inherited: Ray 2.60 turns it on in a process that starts a local Ray (the
-    # session's) and a head started from it would then refuse the readiness probe below.
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    # RAY_ADDRESS of the session's Ray must not leak into the head's jobs. Its token is its own,
+    # in RAY_AUTH_TOKEN (its jobs inherit it, as a cluster's nodes share theirs), never a file.
+    token = secrets.token_hex(16)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_AUTH_MODE"] = "disabled"
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     command = [
         str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(512 * 2**20),
@@ -207,32 +226,56 @@ def ray_head(ray_session):
         head = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
-        wait_for_job_api(dashboard, head, log)
-        yield dashboard
+        wait_for_job_api(dashboard, f"http://127.0.0.1:{agent_port}", token, head, log)
+        yield Head(dashboard, f"127.0.0.1:{gcs_port}", token)
     finally:
         stop_head(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(main, [*args], catch_exceptions=False)
+@pytest.fixture(scope="module")
+def client_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+def client_env(home: Path, **token) -> dict:
+    """The environment of a command on the user's machine: no Ray address, no RAY_AUTH_MODE, and
+    only the token given here (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) or in `home`."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_"))}
+    return {**env, "HOME": str(home), **token}
+
+
+def with_token_file(home: Path, token: str) -> Path:
+    (home / ".ray").mkdir(exist_ok=True)
+    (home / ".ray" / "auth_token").write_text(token + "\n")
+    return home
+
+
+def invoke(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`rank1-batch ARGS` as a command of its own."""
+    return subprocess.run([str(VENV_BIN / "rank1-batch"), *args], env=env, capture_output=True, text=True,
+                          timeout=900)
 
 
 @pytest.fixture(scope="module")
-def submitted(ray_head, tmp_path_factory):
+def submitted(ray_head, client_home, tmp_path_factory):
+    """The sample, submitted with the token in ~/.ray/auth_token, the file any local Ray leaves."""
     output = tmp_path_factory.mktemp("cluster") / "output"
     result = invoke(
-        "submit", "--address", ray_head, "--working-dir", str(ROOT), "--follow", "--job-id", "rank1-test-sample",
-        "--input", str(SAMPLE), "--output", str(output), "--top-k", "3", *TINY_OPTIONS,
+        client_env(with_token_file(client_home, ray_head.token)),
+        "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT), "--follow",
+        "--job-id", "rank1-test-sample", "--input", str(SAMPLE), "--output", str(output), "--top-k", "3",
+        *TINY_OPTIONS,
     )
     return result, output
 
 
 def test_submitted_job_succeeds_and_writes_every_output(submitted):
     result, output = submitted
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[0] == "rank1-test-sample"
-    assert "24 pairs scored" in result.output  # the job's own summary line, from its logs
+    assert "24 pairs scored" in result.stdout  # the job's own summary line, from its logs
     assert "SUCCEEDED" in result.stderr
     # The sample: 8 queries of 20 candidates; the top 3 of each are scored, all 160 are ranked.
     manifest = json.loads((output / "_manifest.json").read_text())
@@ -243,19 +286,68 @@ def test_submitted_job_succeeds_and_writes_every_output(submitted):
     assert pq.read_table(output / "ranked").num_rows == 160
 
 
-def test_status_logs_and_stop_of_a_finished_job(submitted, ray_head):
-    assert invoke("status", "rank1-test-sample", "--address", ray_head).output.startswith("SUCCEEDED")
-    assert "24 pairs scored" in invoke("logs", "rank1-test-sample", "--address", ray_head).output
-    assert "is not running (SUCCEEDED)" in invoke("stop", "rank1-test-sample", "--address", ray_head).output
+def test_status_logs_and_stop_of_a_finished_job(submitted, ray_head, tmp_path):
+    """The token from each of the places Ray takes it from, with no file in HOME."""
+    token_file = tmp_path / "token"
+    token_file.write_text(ray_head.token)
+    by_variable = client_env(tmp_path, RAY_AUTH_TOKEN=ray_head.token)
+    by_path = client_env(tmp_path, RAY_AUTH_TOKEN_PATH=str(token_file))
+    assert invoke(by_variable, "status", "rank1-test-sample", "--address", ray_head.dashboard).stdout.startswith("SUCCEEDED")
+    assert "24 pairs scored" in invoke(by_path, "logs", "rank1-test-sample", "--address", ray_head.dashboard).stdout
+    stopped = invoke(by_variable, "stop", "rank1-test-sample", "--address", ray_head.dashboard)
+    assert "is not running (SUCCEEDED)" in stopped.stdout
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1 and result.stdout == "", result.stdout + result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    return result.stderr.strip()
+
+
+def test_submit_without_a_token_says_what_to_set(ray_head, tmp_path):
+    result = invoke(client_env(tmp_path), "submit", "--address", ray_head.dashboard,
+                    "--input", str(SAMPLE), "--output", str(tmp_path / "output"), *TINY_OPTIONS)
+    assert one_error_line(result) == (
+        f"Error: the Ray cluster at {ray_head.dashboard} requires an authentication token: set RAY_AUTH_TOKEN, "
+        "or RAY_AUTH_TOKEN_PATH to a file holding it, or write it to ~/.ray/auth_token"
+    )
+
+
+def test_a_wrong_token_is_named(ray_head, tmp_path):
+    result = invoke(client_env(tmp_path, RAY_AUTH_TOKEN="not-the-token"), "status", "x", "--address", ray_head.dashboard)
+    assert one_error_line(result) == f"Error: the Ray cluster at {ray_head.dashboard} refused the authentication token from RAY_AUTH_TOKEN"
 
 
 def test_failed_job_exits_non_zero_with_its_status(ray_head, tmp_path):
     result = invoke(
-        "submit", "--address", ray_head, "--follow",
+        client_env(tmp_path, RAY_AUTH_TOKEN=ray_head.token), "submit", "--address", ray_head.dashboard, "--follow",
         "--input", str(tmp_path / "no-such-input"), "--output", str(tmp_path / "output"), *TINY_OPTIONS,
     )
-    assert result.exit_code == 1, result.output
-    assert "FAILED" in result.stderr and "no-such-input" in result.output
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED" in result.stderr and "no-such-input" in result.stdout + result.stderr
+
+
+def test_run_joins_the_authenticated_head(submitted, ray_head, client_home, tmp_path):
+    """`run --ray-address` with the token in ~/.ray/auth_token and RAY_AUTH_MODE unset."""
+    write_shards(candidate_lists(2, 3, seed=11), tmp_path / "pairs", 2)
+    result = invoke(
+        client_env(with_token_file(client_home, ray_head.token)), "run", "--ray-address", ray_head.gcs,
+        "--input", str(tmp_path / "pairs"), "--output", str(tmp_path / "output"), *tiny_run_options(),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((tmp_path / "output" / "_manifest.json").read_text())
+    assert manifest["counts"]["input"] == 6 and manifest["counts"]["scored"] == 6
+
+
+def test_run_without_a_token_says_what_to_set(ray_head, tmp_path):
+    write_shards(candidate_lists(1, 2, seed=11), tmp_path / "pairs", 1)
+    result = invoke(client_env(tmp_path), "run", "--ray-address", ray_head.gcs, "--input", str(tmp_path / "pairs"),
+                    "--output", str(tmp_path / "output"), *tiny_run_options())
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: the Ray cluster at {ray_head.gcs} requires an authentication token: set RAY_AUTH_TOKEN, "
+                      "or RAY_AUTH_TOKEN_PATH to a file holding it, or write it to ~/.ray/auth_token"]
+    assert "Traceback" not in result.stderr
 
 
 def test_session_ray_is_untouched(submitted, ray_session):

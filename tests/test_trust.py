@@ -1,0 +1,187 @@
+"""The command line as a new user meets it: it never deletes what it did not write, refuses a bad
+job before touching a finished output, names the model it uses, and fails loudly rather than
+waiting or exiting 0 on a broken night."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from rank1_batch.cli import SAMPLE, main
+
+from .conftest import candidate_lists, tiny_run_options, write_shards
+
+CLI = str(Path(sys.executable).parent / "rank1-batch")
+# The demo's own configuration, spelled as `run` options, so a run can meet a demo's output.
+DEMO_OPTIONS = ["--input", str(SAMPLE), "--model", "tiny", "--dtype", "bfloat16", "--max-model-len", "2048",
+                "--max-reasoning-tokens", "256", "--enforce-eager"]
+
+
+def cli(*arguments: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *arguments], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_demo(tmp_path_factory) -> Path:
+    """`rank1-batch demo` without a directory: it makes a fresh one of its own, here."""
+    here = tmp_path_factory.mktemp("demo")
+    (here / "notes.txt").write_text("mine")
+    finished = cli("demo", cwd=here)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    made = [path for path in here.iterdir() if path.name.startswith("rank1-demo-")]
+    assert len(made) == 1 and (made[0] / "_manifest.json").exists()
+    assert (here / "notes.txt").read_text() == "mine"
+    return made[0]
+
+
+def test_demo_refuses_a_directory_it_did_not_write(tmp_path):
+    (tmp_path / "thesis.tex").write_text("years of work")
+    (tmp_path / "data").mkdir()
+    before = snapshot(tmp_path)
+    refused = cli("demo", str(tmp_path))
+    assert refused.returncode != 0
+    assert "thesis.tex" in refused.stderr and "did not write" in refused.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_refuses_an_output_rank1_batch_did_not_write(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.csv").write_text("keep me")
+    refused = CliRunner().invoke(main, ["run", *DEMO_OPTIONS, "--output", str(tmp_path / "out"), "--overwrite"])
+    assert refused.exit_code != 0
+    assert "results.csv" in refused.output and "--overwrite" not in refused.output
+    assert (tmp_path / "out" / "results.csv").read_text() == "keep me"
+
+
+def test_run_refuses_a_job_without_a_model(tmp_path):
+    refused = CliRunner().invoke(main, ["run", "--input", str(SAMPLE), "--output", str(tmp_path / "out")])
+    assert refused.exit_code != 0
+    assert "no model: give --model" in refused.output and len(refused.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "options, spec, message",
+    [
+        (["--min-engines", "4", "--max-engines", "2"], None, "--min-engines 4 is more than --max-engines 2"),
+        (["--engines", "2", "--min-engines", "1"], None, "not both"),
+        (["--min-engines", "0"], None, "--min-engines must be at least 1"),
+        ([], {"device": "tpu"}, "--device 'tpu'"),
+        (["--tensor-parallel-size", "0"], None, "--tensor-parallel-size must be at least 1"),
+        (["--threshold", "1.5"], None, "--threshold must be in [0, 1]"),
+        (["--task-template", "Find passages about the topic."], None, "must contain FILL_QUERY_HERE"),
+        (["--engine-arg", "max_model_len=99"], None, "--engine-arg max_model_len: set by its own option"),
+        (["--engine-arg", "block_size=16"], None, "--engine-arg block_size"),
+        (["--fit", "squeeze"], None, "--fit"),
+    ],
+)
+def test_a_refused_rerun_leaves_a_finished_run_as_it_was(finished_demo, tmp_path, options, spec, message):
+    before = snapshot(finished_demo)
+    config = []
+    if spec is not None:
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        config = ["--config", str(tmp_path / "spec.yaml")]
+    refused = CliRunner().invoke(main, ["run", *config, *DEMO_OPTIONS, "--output", str(finished_demo), *options])
+    assert refused.exit_code != 0
+    assert message in refused.output
+    assert snapshot(finished_demo) == before
+    reported = CliRunner().invoke(main, ["report", str(finished_demo)])
+    assert reported.exit_code == 0, reported.output
+    shutil.rmtree(finished_demo / "report")
+
+
+def test_options_without_effect_are_named(tmp_path):
+    warned = cli("run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"), "--model", "tiny",
+                 "--answered-only", "--no-labels", "--run-tag", "nightly", "--no-trec-run")
+    assert warned.returncode != 0  # the input is missing: the warnings come first
+    assert "--answered-only has no effect without --labels" in warned.stderr
+    assert "--run-tag has no effect with --no-trec-run" in warned.stderr
+
+
+def test_engines_that_cannot_be_placed_are_refused_at_once(ray_session, tmp_path):
+    """On the session's 2-CPU local Ray: two engines leave no CPU to build prompts, and there is
+    no GPU. A pool on the command line replaces the job spec's (here, an autoscaling one)."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"min_engines": 1, "max_engines": 8, "device": "cpu"}))
+    started = time.monotonic()
+    too_many = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "spec.yaml"), *DEMO_OPTIONS,
+                                         "--output", str(tmp_path / "a"), "--engines", "2"])
+    assert too_many.exit_code != 0
+    assert "needs 2.5 CPU, 0 GPU (2 engine(s) of 1 CPU each, plus 0.5 CPU to build prompts)" in too_many.output
+    assert "has 2 CPU, 0 GPU" in too_many.output
+    no_gpu = CliRunner().invoke(main, ["run", *DEMO_OPTIONS, "--output", str(tmp_path / "b"), "--device", "gpu"])
+    assert no_gpu.exit_code != 0 and "1 GPU" in no_gpu.output and "has 2 CPU, 0 GPU" in no_gpu.output
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_output_held_by_a_live_run_is_refused(ray_session, finished_demo):
+    me = psutil.Process()
+    holder = {"run_id": "0123456789ab", "host": socket.gethostname(), "pid": me.pid,
+              "process_started": me.create_time(), "started": time.time(), "heartbeat": time.time()}
+    (finished_demo / "_lease.json").write_text(json.dumps(holder))
+    try:
+        before = snapshot(finished_demo)
+        refused = CliRunner().invoke(main, ["run", *DEMO_OPTIONS, "--output", str(finished_demo), "--overwrite"])
+        assert refused.exit_code != 0
+        assert f"held by run 0123456789ab (process {me.pid} on {socket.gethostname()}" in refused.output
+        assert snapshot(finished_demo) == before
+    finally:
+        (finished_demo / "_lease.json").unlink()
+
+
+def test_a_run_where_every_pair_fails_exits_non_zero(ray_session, tmp_path):
+    pairs = candidate_lists(queries=1, per_query=4, seed=5).drop_columns(["relevant"])
+    pairs = pairs.set_column(pairs.column_names.index("text"), "text", [" "] * 4)
+    write_shards(pairs, tmp_path / "input", shards=1)
+    failed = CliRunner().invoke(main, ["run", "--input", str(tmp_path / "input"), "--output", str(tmp_path / "out"),
+                                       *tiny_run_options(max_failed_share=1.0)])
+    assert failed.exit_code != 0
+    assert "4 of 4 input pairs (100.0%) were rejected or fell back" in failed.output
+    assert (tmp_path / "out" / "_manifest.json").exists()  # everything else was written
+
+
+def test_overwrite_removes_only_what_a_run_wrote_and_a_stall_fails_the_run(finished_demo, tmp_path):
+    """--overwrite on a finished output beside a user's file: the layout's paths go, the file stays.
+    The run is then stopped by the stall watchdog, as its engine needs longer than 5 s to start."""
+    output = tmp_path / "copy"
+    shutil.copytree(finished_demo, output)
+    (output / "notes.txt").write_text("mine")
+    stalled = cli("run", *DEMO_OPTIONS, "--output", str(output), "--overwrite", "--threshold", "0.7",
+                  "--stall-timeout", "5")
+    assert stalled.returncode != 0
+    assert "no batch committed for 5 s (--stall-timeout) after 0 of 160 pairs" in stalled.stderr
+    assert "the score stage has not committed its first batch" in stalled.stderr
+    assert (output / "notes.txt").read_text() == "mine"
+    assert not (output / "_manifest.json").exists() and not (output / "run.trec").exists()
+    assert not (output / "_lease.json").exists()  # released on the way out
+    assert json.loads((output / "_job.json").read_text())["scoring"]["threshold"] == 0.7
+
+
+def test_sigterm_releases_the_output(tmp_path):
+    write_shards(candidate_lists(queries=2, per_query=4, seed=9), tmp_path / "input", shards=1)
+    output = tmp_path / "out"
+    process = subprocess.Popen([CLI, "run", "--input", str(tmp_path / "input"), "--output", str(output),
+                                *tiny_run_options()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (output / "_lease.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert not (output / "_lease.json").exists()
