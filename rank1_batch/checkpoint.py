@@ -24,10 +24,10 @@ KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])
 # Options that do not change what a run writes; anything else must match to resume. Prefix
 # caching is not free: the label pass reads each answered pair's label from the prefix the main
 # pass left in the cache, and a recomputed prefix may round differently.
-_FREE_ENGINE = {"tensor_parallel_size", "gpu_memory_utilization"}
+_FREE_ENGINE = {"tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"}
 _FREE_RUN = {"output", "engines", "min_engines", "max_engines", "cpus_per_engine", "device", "batch_size",
              "ray_address", "s3_endpoint_url", "s3_profile", "overwrite", "verbose", "trec_run", "run_tag",
-             "placement_timeout", "stall_timeout", "max_failed_share"}
+             "placement_timeout", "stall_timeout", "max_failed_share", "max_concurrent_batches"}
 # What an output made before an option existed ran with: it resumes as that, not as today's default.
 _BEFORE_OPTION = {"engine": {"fit": "budget", "enable_prefix_caching": True}}
 
@@ -107,8 +107,11 @@ def open_output(output: Output, job: JobConfig) -> Done:
         for name in LAYOUT:
             if output.exists(name):
                 output.fs.rm(output.path(name), recursive=True)
-    elif output.exists(MANIFEST):
-        output.fs.rm(output.path(MANIFEST))
+    else:
+        # errors/ holds pairs this run scores again; a finished run's manifest is rewritten at the end
+        for name in (MANIFEST, "errors"):
+            if output.exists(name):
+                output.fs.rm(output.path(name), recursive=True)
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())
     _remove_orphans(output)
     keys = [output.read(directory, KEY_SCHEMA.names, KEY_SCHEMA) for directory in ("scores", "unscored")]

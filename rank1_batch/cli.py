@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .config import JobConfig, JobError
+from .config import JobConfig, JobError, job_logging
 from .encoding import ContextTooShort
 from .evaluate import eval_command
 from .options import engine_options, job_config, run_options
@@ -33,8 +33,7 @@ log = logging.getLogger("rank1_batch")
 @click.version_option(package_name="rank1-batch")
 def main():
     """Rerank query-candidate pairs with Rank1 reasoning rerankers on Ray Data and vLLM."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
+    job_logging()
 
 
 @main.command()
@@ -57,6 +56,11 @@ def run_and_report(job: JobConfig) -> None:
     with sigterm_as_exit():
         manifest = report_errors(run_job, job)
     click.echo(summary_line(manifest, job.run.output))
+    errors = manifest["counts"]["errors"]
+    if errors:
+        raise click.ClickException(
+            f"{errors} pairs ended in an engine error (see errors/ for each message); a re-run scores them again"
+        )
     failed, total = failed_pairs(manifest["counts"])
     if failed and (failed == total or failed / total > job.run.max_failed_share):
         raise click.ClickException(
@@ -112,7 +116,7 @@ def summary_line(manifest: dict, output: str) -> str:
     outcomes = ", ".join(f"{name} {count}" for name, count in counts["outcomes"].items())
     return (
         f"{counts['scored']} pairs scored ({outcomes}), {counts['rejected']} rejected, "
-        f"{counts['unscored']} beyond top-k, {counts['truncated']} truncated; "
+        f"{counts['unscored']} beyond top-k, {counts['truncated']} truncated, {counts['errors']} errors; "
         f"{manifest['pairs_per_second']} pairs/s over {manifest['wall_seconds']} s -> {output}"
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ class JobError(Exception):
 
 class ModelRequired(JobError):
     pass
+
+
+def job_logging() -> None:
+    """What a job does, at INFO, on stderr (the driver's terminal, an actor's log file)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__package__).setLevel(logging.INFO)
 
 
 def resolve_model(model: str) -> str:
@@ -54,11 +61,15 @@ class EngineConfig:
     quantization: str | None = None
     trust_remote_code: bool = False
     seed: int = 0
+    # The scheduler's limits: most sequences in one engine step, and most tokens (None: vLLM's).
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     engine_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         positive = {"max_reasoning_tokens": self.max_reasoning_tokens, "tensor_parallel_size": self.tensor_parallel_size,
-                    "max_model_len": self.max_model_len, "block_size": self.block_size}
+                    "max_model_len": self.max_model_len, "block_size": self.block_size,
+                    "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens}
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, not {value}")
@@ -114,6 +125,9 @@ class RunConfig:
     cpus_per_engine: float = 1.0
     device: str = "auto"
     batch_size: int = 256
+    # Batches each engine actor holds at once: while one batch's last chains finish, the next
+    # batches' pairs fill the engine. 1 is one batch at a time.
+    max_concurrent_batches: int = 4
     ray_address: str | None = None
     s3_endpoint_url: str | None = None
     s3_profile: str | None = None
@@ -132,7 +146,7 @@ class RunConfig:
             raise ValueError(f"--device {self.device!r}: expected {', '.join(DEVICES)}")
         if self.engines is not None and (self.min_engines is not None or self.max_engines is not None):
             raise ValueError("give --engines (a fixed pool) or --min-engines/--max-engines (autoscaling), not both")
-        for name in ("engines", "min_engines", "max_engines", "batch_size"):
+        for name in ("engines", "min_engines", "max_engines", "batch_size", "max_concurrent_batches"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, not {value}")
@@ -175,6 +189,10 @@ class JobConfig:
             found.append("--answered-only has no effect without --labels")
         if self.run.run_tag != RunConfig.run_tag and not self.run.trec_run:
             found.append("--run-tag has no effect with --no-trec-run")
+        in_flight = self.run.batch_size * self.run.max_concurrent_batches
+        if self.engine.max_num_seqs and in_flight < self.engine.max_num_seqs:
+            found.append(f"--batch-size {self.run.batch_size} x --max-concurrent-batches {self.run.max_concurrent_batches} "
+                         f"= {in_flight} pairs in flight cannot fill --max-num-seqs {self.engine.max_num_seqs}")
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,7 +206,7 @@ class JobConfig:
 ENGINE_ARGS_OWNED = {
     "model", "revision", "tokenizer_revision", "dtype", "max_model_len", "tensor_parallel_size",
     "gpu_memory_utilization", "enable_prefix_caching", "block_size", "enforce_eager", "quantization",
-    "trust_remote_code", "seed",
+    "trust_remote_code", "seed", "max_num_seqs", "max_num_batched_tokens",
 }
 
 

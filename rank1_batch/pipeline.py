@@ -26,8 +26,9 @@ from .checkpoint import Done, check_output, open_output
 from .cluster import connect, is_own_cluster
 from .config import JobConfig, JobError
 from .encoding import PromptEncoder
+from .engine_metrics import EngineFigures
 from .lease import Lease
-from .outputs import counts, trec_run, write_manifest, write_ranked
+from .outputs import ThisRun, counts, trec_run, write_manifest, write_ranked
 from .scoring import OUTCOMES
 from .resources import (
     PREPARE_CPUS,
@@ -78,12 +79,12 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         committed = score_and_commit(read(fs, shards, job), job, output, done, duplicates, gpus)
         input_rows = sum(shard.rows for shard in shards)
         to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
-        scored_now = follow(committed, to_do, show_progress, job.run.stall_timeout) if to_do > 0 else 0
+        this_run = follow(committed, to_do, show_progress, job.run.stall_timeout) if to_do > 0 else ThisRun()
 
         ranked = write_ranked(output)
         if job.run.trec_run:
             output.write_bytes("run.trec", trec_run(ranked, job.run.run_tag).encode())
-        return write_manifest(output, job, counts(output, input_rows), scored_now, time.monotonic() - started)
+        return write_manifest(output, job, counts(output, input_rows), this_run, time.monotonic() - started)
 
 
 def place_engines(job: JobConfig) -> bool:
@@ -140,10 +141,14 @@ def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicat
     # One block per engine call (a streaming split, not a shuffle): blocks spread over all the
     # engines, and each batch's counts reach the driver as soon as it is committed.
     prompts = prompts.repartition(target_num_rows_per_block=job.run.batch_size)
+    # As Ray's own vLLM stage: the actor runs this many batches at once on its event loop, and
+    # Ray Data keeps that many more queued so that a finished batch is replaced at once.
+    in_flight = job.run.max_concurrent_batches
     return prompts.map_batches(
         stages.ScorePairs,
         fn_constructor_kwargs={"job": dataclasses.replace(job, engine=engine), "output": output},
-        compute=ray.data.ActorPoolStrategy(**actor_pool_size(job.run)),
+        compute=ray.data.ActorPoolStrategy(**actor_pool_size(job.run), max_tasks_in_flight_per_actor=2 * in_flight),
+        max_concurrency=in_flight,
         batch_size=job.run.batch_size,
         batch_format="pyarrow",
         **engine_resources(job.engine.tensor_parallel_size, job.run.cpus_per_engine, gpus),
@@ -185,9 +190,10 @@ def has_repeated_keys(fs, shards: list[Shard], job: JobConfig) -> bool:
     return table.group_by(["query_id", "doc_id"]).aggregate([]).num_rows < table.num_rows
 
 
-def follow(committed, total: int, show_progress: bool, stall_timeout: float) -> int:
+def follow(committed, total: int, show_progress: bool, stall_timeout: float) -> ThisRun:
     """Drive the dataset to the end, showing pairs done and outcomes as batches are committed;
-    return how many pairs were scored. No commit for `stall_timeout` seconds fails the run."""
+    return what this run scored and its engines did. No commit for `stall_timeout` seconds fails
+    the run."""
     commits: queue.Queue = queue.Queue()
 
     def drain():
@@ -200,6 +206,8 @@ def follow(committed, total: int, show_progress: bool, stall_timeout: float) -> 
 
     threading.Thread(target=drain, name="commits", daemon=True).start()
     outcomes = dict.fromkeys(OUTCOMES, 0)
+    steps = generated = 0
+    started = time.monotonic()
     with tqdm(total=total, unit="pair", desc="scoring", disable=not show_progress, dynamic_ncols=True) as bar:
         while True:
             try:
@@ -214,8 +222,9 @@ def follow(committed, total: int, show_progress: bool, stall_timeout: float) -> 
                 bar.update(row["pairs"])
                 for outcome in outcomes:
                     outcomes[outcome] += row[outcome]
+                steps, generated = steps + row["engine_steps"], generated + row["generated_tokens"]
                 bar.set_postfix(outcomes, refresh=False)
-    return sum(outcomes.values())
+    return ThisRun(sum(outcomes.values()), EngineFigures.from_counts(steps, generated, time.monotonic() - started))
 
 
 def stall_message(seconds: float, done: int, total: int) -> str:

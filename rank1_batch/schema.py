@@ -39,6 +39,8 @@ SCORES_SCHEMA = pa.schema(
 )
 UNSCORED_SCHEMA = pa.schema([SCORES_SCHEMA.field(name) for name in ("query_id", "doc_id", "first_stage_rank", "first_stage_score")])
 TRACES_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("reasoning", pa.string())])
+# A pair whose request failed inside the engine: not done, so a re-run scores it again.
+ERRORS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("error", pa.string())])
 RANKED_SCHEMA = pa.schema(
     [
         ("query_id", pa.string()),

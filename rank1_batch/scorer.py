@@ -8,6 +8,7 @@ from typing import Iterable, Mapping
 
 from .config import EngineConfig, ScoringConfig
 from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong, load_tokenizer
+from .engine import Generation, Rank1Engine
 
 
 # Engine options that shape each request rather than the running engine.
@@ -57,8 +58,6 @@ class Rank1Scorer:
     """One engine and its prompt encoder; `score` takes pairs, `score_encoded` takes prompts."""
 
     def __init__(self, engine: EngineConfig | None = None, scoring: ScoringConfig | None = None, llm=None):
-        from .engine import Rank1Engine
-
         self.engine_config = engine or EngineConfig()
         self.scoring = scoring or ScoringConfig()
         self.encoder = PromptEncoder(
@@ -82,27 +81,25 @@ class Rank1Scorer:
         """Results in input order; a `str` entry is a rejection reason and passes through."""
         prompts = [item for item in encoded if isinstance(item, EncodedPrompt)]
         generations = iter(self.engine.generate([item.token_ids for item in prompts]))
-        results = []
-        for item in encoded:
-            if isinstance(item, str):
-                results.append(rejected(item))
-                continue
-            generation = next(generations)
-            judgement = generation.judgement
-            results.append(
-                PairScore(
-                    score=judgement.score,
-                    label=judgement.score >= self.scoring.threshold,
-                    outcome=judgement.outcome.value,
-                    logprob_true=judgement.logprob_true,
-                    logprob_false=judgement.logprob_false,
-                    reasoning=generation.reasoning,
-                    reasoning_tokens=generation.reasoning_tokens,
-                    prompt_tokens=len(item.token_ids),
-                    truncated=item.truncated,
-                )
-            )
-        return results
+        return [
+            rejected(item) if isinstance(item, str) else pair_score(next(generations), item, self.scoring.threshold)
+            for item in encoded
+        ]
+
+
+def pair_score(generation: Generation, encoded: EncodedPrompt, threshold: float) -> PairScore:
+    judgement = generation.judgement
+    return PairScore(
+        score=judgement.score,
+        label=judgement.score >= threshold,
+        outcome=judgement.outcome.value,
+        logprob_true=judgement.logprob_true,
+        logprob_false=judgement.logprob_false,
+        reasoning=generation.reasoning,
+        reasoning_tokens=generation.reasoning_tokens,
+        prompt_tokens=len(encoded.token_ids),
+        truncated=encoded.truncated,
+    )
 
 
 def _as_pair(pair: Pair | Mapping) -> Pair:

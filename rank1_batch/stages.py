@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+import time
 from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import JobConfig
+from .config import JobConfig, job_logging
 from .checkpoint import Done
 from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong
+from .engine_metrics import EngineTotals, read_totals
+from .scorer import pair_score
 from .ranking import top_k_mask
 from .scoring import OUTCOMES
 from .schema import (
+    ERRORS_SCHEMA,
     REASON,
     ROW_HASH,
     SCORES_SCHEMA,
@@ -45,6 +52,7 @@ SCORED_SCHEMA = pa.schema(
     [*SCORES_SCHEMA, TRACES_SCHEMA.field("reasoning"), PROMPTS_SCHEMA.field("query"), PROMPTS_SCHEMA.field("text")]
 )
 
+log = logging.getLogger(__name__)
 _encoders: dict[str, PromptEncoder] = {}
 
 
@@ -102,42 +110,89 @@ class EngineStartError(RuntimeError):
 
 
 class ScorePairs:
-    """An actor holding one engine: scores the prompts of each batch it is given and commits them.
+    """An actor holding one engine (vLLM's async engine): scores the prompts of each batch it is
+    given and commits them. Ray Data gives it several batches at once (`max_concurrent_batches`),
+    so the engine's free slots are filled from the next batches while a batch's last chains run.
 
-    Writing here, batch by batch, makes each batch a commit of its own: a killed run loses at
-    most the batches in flight. A write is small next to generating a batch.
+    Committing here, batch by batch, makes each batch a commit of its own: a killed run loses at
+    most the batches in flight. The writes run in a thread, off the engine's event loop.
     """
 
     def __init__(self, job: JobConfig, output: Output):
-        from .scorer import Rank1Scorer
+        from .engine import AsyncRank1Engine
 
+        job_logging()
         self.job, self.output = job, output
         try:
-            self.scorer = Rank1Scorer(job.engine, job.scoring)
+            self.engine = AsyncRank1Engine(job.engine, _encoder(job))
         except Exception as error:
             raise EngineStartError(f"the engine could not start (model {job.engine.model}): {error}") from error
+        self.engine_totals = read_totals()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.monotonic()
         prompts = batch.filter(pc.is_valid(batch["prompt_token_ids"]))
         encoded = [
             EncodedPrompt(ids, truncated)
             for ids, truncated in zip(prompts["prompt_token_ids"].to_pylist(), prompts["truncated"].to_pylist())
         ]
-        results = [result.to_dict() for result in self.scorer.score_encoded(encoded)]
-        scored = prompts.select(PASSTHROUGH)
-        for field in SCORED_SCHEMA:
-            if field.name not in PASSTHROUGH:
-                scored = scored.append_column(field, pa.array([row[field.name] for row in results], field.type))
-        write_results(conform(scored, SCORED_SCHEMA), self.job, self.output)
-        counts = {"pairs": batch.num_rows, **dict.fromkeys(OUTCOMES, 0), **count_values(scored["outcome"])}
-        return pa.Table.from_pylist([counts])
+        generations = await asyncio.gather(*(self.engine.generate(item.token_ids) for item in encoded), return_exceptions=True)
+        if any(isinstance(generation, BaseException) and is_engine_dead(generation) for generation in generations):
+            # Ray restarts an actor whose process died and retries its batches on a new engine.
+            log.error("the engine died; ending this actor so that Ray starts another")
+            os._exit(1)
+        scored, errors = score_table(prompts, encoded, generations, self.job.scoring.threshold)
+        name = content_name(prompts["query_id"], prompts["doc_id"])  # the whole batch: a retry rewrites it
+        await asyncio.to_thread(write_results, scored, errors, name, self.job, self.output)
+        now = read_totals()
+        engine, self.engine_totals = now - self.engine_totals, now
+        counts = batch_counts(batch, scored, errors, engine)
+        log.info("batch of %d pairs committed in %.1f s: %d reasoning tokens, %d errors", prompts.num_rows,
+                 time.monotonic() - started, pc.sum(scored["reasoning_tokens"]).as_py() or 0, errors.num_rows)
+        return counts
 
 
-def write_results(scored: pa.Table, job: JobConfig, output: Output) -> None:
-    """Write a batch's scored pairs: traces and labels first, as a scores file marks the pairs done."""
+def is_engine_dead(error: BaseException) -> bool:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(error, EngineDeadError)
+
+
+def score_table(prompts: pa.Table, encoded: list[EncodedPrompt], generations: list, threshold: float) -> tuple[pa.Table, pa.Table]:
+    """Scored pairs with their reasoning and texts, and the pairs whose request failed, with the
+    engine's message."""
+    failed = pa.array([isinstance(generation, BaseException) for generation in generations], pa.bool_())
+    results = [
+        pair_score(generation, item, threshold).to_dict()
+        for generation, item in zip(generations, encoded)
+        if not isinstance(generation, BaseException)
+    ]
+    scored = prompts.filter(pc.invert(failed)).select(PASSTHROUGH)
+    for field in SCORED_SCHEMA:
+        if field.name not in PASSTHROUGH:
+            scored = scored.append_column(field, pa.array([row[field.name] for row in results], field.type))
+    messages = [f"{type(error).__name__}: {error}" for error in generations if isinstance(error, BaseException)]
+    errors = prompts.filter(failed).select(["query_id", "doc_id"]).append_column("error", pa.array(messages, pa.string()))
+    return conform(scored, SCORED_SCHEMA), errors
+
+
+def batch_counts(batch: pa.Table, scored: pa.Table, errors: pa.Table, engine: EngineTotals) -> pa.Table:
+    """What the driver counts of a committed batch: its pairs (set-aside ones included), outcomes
+    and errors, and the engine's steps and generated tokens since the actor's previous batch."""
+    counts = {"pairs": batch.num_rows, **dict.fromkeys(OUTCOMES, 0), **count_values(scored["outcome"]),
+              "errors": errors.num_rows, "engine_steps": engine.steps, "generated_tokens": engine.generated_tokens}
+    return pa.Table.from_pylist([counts])
+
+
+def write_results(scored: pa.Table, errors: pa.Table, name: str, job: JobConfig, output: Output) -> None:
+    """Commit a batch: traces and labels first, as a scores file marks its pairs done; failed
+    pairs go to errors/, which a re-run does not count as done."""
+    if errors.num_rows:
+        output.write_table("errors", name, errors.cast(ERRORS_SCHEMA))
+    elif output.exists(f"errors/{name}"):  # an earlier attempt of this batch failed where this one did not
+        output.fs.rm(output.path("errors", name))
     if not scored.num_rows:
         return
-    name = content_name(scored["query_id"], scored["doc_id"])
     if job.run.write_traces:
         output.write_table("traces", name, scored.select(TRACES_SCHEMA.names).cast(TRACES_SCHEMA))
     if job.run.labels:

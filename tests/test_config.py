@@ -36,12 +36,14 @@ def test_job_specs_load(spec):
 
 def test_command_line_wins_over_the_spec():
     given = {"input": ("in.parquet",), "output": "out", "model": "tiny", "top_k": None, "columns": ("text=body",),
-             "engine_args": ("max_num_seqs=64",)}
+             "engine_args": ("swap_space=8",), "engines": 2}
     job = job_config(str(JOBS / "nightly_rerank.yaml"), given)
     assert job.engine.model == "tiny"
     assert job.run.top_k == 100  # not given on the command line: the spec's value stays
     assert job.run.columns == {"text": "body"}
-    assert job.engine.engine_args == {"max_num_seqs": 64}
+    assert job.engine.engine_args == {"swap_space": 8}
+    # A pool on the command line replaces the spec's autoscaling bounds rather than clashing with them.
+    assert (job.run.engines, job.run.min_engines, job.run.max_engines) == (2, None, None)
 
 
 def test_bad_option_value_is_a_usage_error():

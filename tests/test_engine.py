@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from rank1_batch import prompt
@@ -97,11 +99,10 @@ def test_labels_agree_with_what_the_model_wrote(scorer, synthetic):
     results = scorer.score([Pair(query, passage) for query, passage, _ in pairs])
     answered = [r for r in results if r.outcome == "answered"]
     assert len(answered) >= 30
-    outputs = scorer.engine.llm.generate(
-        [prompt.prompt(query, passage) for query, passage, _ in pairs],
-        scorer.engine.main_pass(scorer.engine_config.max_reasoning_tokens),
-        use_tqdm=False,
-    )
+    texts = [prompt.prompt(query, passage) for query, passage, _ in pairs]
+    main_pass = scorer.engine.passes.main_pass(scorer.encoder.encode(*pairs[0][:2]).token_ids)
+    assert main_pass.max_tokens == scorer.engine_config.max_reasoning_tokens
+    outputs = scorer.engine.llm.generate(texts, main_pass, use_tqdm=False)
     written = {i: o.outputs[0].stop_reason for i, o in enumerate(outputs)}
     for index, result in enumerate(results):
         if result.outcome == "answered":
@@ -142,8 +143,10 @@ def test_forced_pass_reads_past_a_stray_think_close_as_the_reference_does(scorer
 def test_forced_pass_that_does_not_fit_falls_back(scorer, fresh_pairs):
     prompt_ids = scorer.encoder.encode(fresh_pairs[0].query, fresh_pairs[0].text).token_ids
     reasoning = "The passage is long. " * 400  # far beyond the 1,024-token context
-    forced = scorer.encoder.forced_ids(prompt_ids, reasoning)
-    judgement, = scorer.engine.read_labels([(Outcome.FORCED, forced)])
+    hit_the_budget = SimpleNamespace(finish_reason="length", stop_reason=None, text=reasoning, token_ids=[])
+    outcome, prefix = scorer.engine.passes.label_read(prompt_ids, hit_the_budget)
+    assert outcome == Outcome.FORCED and prefix is None
+    judgement = scorer.engine.passes.judge_label(outcome, None)
     assert judgement.outcome.value == "fallback" and judgement.score == 0.5
 
 

@@ -14,6 +14,7 @@ import pytest
 from rank1_batch.config import JobConfig
 from rank1_batch.pipeline import run
 from rank1_batch.schema import InputError, RANKED_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA
+from rank1_batch.scorer import Pair
 
 from .conftest import S3_TEST_ENV, candidate_lists, pair_keys, read_dir, tiny_job, write_shards
 
@@ -35,8 +36,23 @@ def local_run(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("local")
     pairs = candidate_lists(queries=4, per_query=10, seed=11)
     write_shards(pairs, root / "input", shards=3)
-    job = tiny_job(input=[str(root / "input")], output=str(root / "output"), top_k=6)
+    # Batches of 4, four in flight on the actor's engine: continuous feeding across batches.
+    job = tiny_job(input=[str(root / "input")], output=str(root / "output"), top_k=6, batch_size=4)
     return pairs, root / "output", run(job, show_progress=False)
+
+
+def test_continuous_feeding_gives_the_batch_scorers_scores(local_run, scorer):
+    """Pairs of several batches in flight on the async engine score as one blocking batch does
+    (same execution mode)."""
+    pairs, output, _ = local_run
+    scores = read_dir(output / "scores").sort_by([("query_id", "ascending"), ("doc_id", "ascending")])
+    texts = {(row["query_id"], row["doc_id"]): row for row in pairs.to_pylist()}
+    batch = scorer.with_options(max_reasoning_tokens=64).score(
+        [Pair(texts[key]["query"], texts[key]["text"]) for key in pair_keys(scores)]
+    )
+    assert [result.outcome for result in batch] == scores["outcome"].to_pylist()
+    assert [result.score for result in batch] == pytest.approx(scores["score"].to_pylist(), abs=1e-6)
+    assert [result.reasoning_tokens for result in batch] == scores["reasoning_tokens"].to_pylist()
 
 
 def test_local_run_writes_every_pair_once(local_run):

@@ -88,6 +88,7 @@ def test_run_refuses_a_job_without_a_model(tmp_path):
         (["--engine-arg", "max_model_len=99"], None, "--engine-arg max_model_len: set by its own option"),
         (["--engine-arg", "block_size=16"], None, "--engine-arg block_size"),
         (["--fit", "squeeze"], None, "--fit"),
+        (["--max-concurrent-batches", "0"], None, "--max-concurrent-batches must be at least 1"),
     ],
 )
 def test_a_refused_rerun_leaves_a_finished_run_as_it_was(finished_demo, tmp_path, options, spec, message):
@@ -111,6 +112,10 @@ def test_options_without_effect_are_named(tmp_path):
     assert warned.returncode != 0  # the input is missing: the warnings come first
     assert "--answered-only has no effect without --labels" in warned.stderr
     assert "--run-tag has no effect with --no-trec-run" in warned.stderr
+
+    unfillable = cli("run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"), "--model", "tiny",
+                     "--batch-size", "16", "--max-concurrent-batches", "2", "--max-num-seqs", "256")
+    assert "16 x --max-concurrent-batches 2 = 32 pairs in flight cannot fill --max-num-seqs 256" in unfillable.stderr
 
 
 def test_engines_that_cannot_be_placed_are_refused_at_once(ray_session, tmp_path):
