@@ -56,15 +56,30 @@ def every_option_changed() -> JobConfig:
             **flipped,
             "model": "org/rank1 model", "revision": "abc123", "dtype": "float16", "max_model_len": 4096,
             "max_reasoning_tokens": 100, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.85,
-            "quantization": "awq", "seed": 7,
-            "engine_args": {"max_num_seqs": 64, "kv_cache_dtype": "fp8", "limit_mm_per_prompt": {"image": 0}},
+            "quantization": "awq", "seed": 7, "fit": "budget", "block_size": 16,
+            "max_num_seqs": 64, "max_num_batched_tokens": 4096,
+            "engine_args": {"kv_cache_dtype": "fp8", "limit_mm_per_prompt": {"image": 0}},
             "threshold": 0.25, "task_template": "Find \"passages\" that answer: FILL_QUERY_HERE's $HOME",
             "input": ["s3://bucket/with space/", "/data/a.parquet"], "output": "s3://bucket/out/",
             "columns": {"text": "passage", "query_id": "qid"}, "top_k": 50, "run_tag": "tag;rm -rf",
             "min_engines": 2, "max_engines": 5, "cpus_per_engine": 2.5, "device": "gpu",
-            "batch_size": 64, "s3_endpoint_url": "http://minio:9000", "s3_profile": "batch",
+            "batch_size": 64, "max_concurrent_batches": 3, "placement_timeout": 30.0, "stall_timeout": 900.0,
+            "max_failed_share": 0.1, "s3_endpoint_url": "http://minio:9000", "s3_profile": "batch",
         }
     )
+
+
+def test_every_option_is_changed_but_the_pool_and_the_address():
+    """Else a new option would be left out of the round trip below unnoticed (--engines excludes
+    --min/--max-engines; a submitted job reaches its cluster through RAY_ADDRESS)."""
+    job = every_option_changed()
+    unchanged = {
+        f.name
+        for part, value in ((EngineConfig, job.engine), (ScoringConfig, job.scoring), (RunConfig, job.run))
+        for f in dataclasses.fields(part)
+        if getattr(value, f.name) == getattr(part(), f.name)
+    }
+    assert unchanged == {"engines", "ray_address"}
 
 
 def test_entrypoint_runs_the_same_job():
