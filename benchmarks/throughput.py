@@ -50,7 +50,7 @@ steady state: pairs / time from the engine being ready to the last result. (c), 
   their process; (a), (a1), (d) from vLLM's log line of the engine initialised ("init engine ...
   took") to the last scores/ file written (a, a1) or the last output block (d).
 occupancy: mean sequences per engine step, vLLM's generated tokens / its engine steps
-  (rank1_batch.engine_metrics), over the steady window; for (a), (a1) as the run's _manifest.json
+  (rank1_batch.model.engine_metrics), over the steady window; for (a), (a1) as the run's _manifest.json
   "engine" key gives it. gen tok/s: vLLM's generated tokens / the steady time.
 x(c): the row's pairs/s over (c)'s, whole process and steady state."""
 # vLLM's line when an engine is ready, with its local time (second resolution).
@@ -60,7 +60,7 @@ ENGINE_READY = re.compile(r"INFO (\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) \[core\.py:\
 def engine_config(params: dict):
     """The engine every row uses, with vLLM's stats on for the occupancy figures."""
     from rank1_batch.config import EngineConfig
-    from rank1_batch.engine_metrics import STATS_ON
+    from rank1_batch.model.engine_metrics import STATS_ON
 
     return EngineConfig(
         model=params["model"], dtype=params["dtype"], max_model_len=params["max_model_len"],
@@ -233,8 +233,8 @@ def main(context, data, top, input_dir, workload, pairs, seed, model, budget, ma
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from rank1_batch.engine import set_cpu_cache_space
-    from rank1_batch.prepare import from_rankllm, write_shards
+    from rank1_batch.model.engine import set_cpu_cache_space
+    from rank1_batch.ir.prepare import from_rankllm, write_shards
 
     if input_dir and workload:
         raise click.UsageError("--input and --workload are two sources of pairs: give one")
@@ -306,8 +306,8 @@ def _prompts(input_dir: str, engine):
     import pyarrow.parquet as pq
 
     from rank1_batch.config import ScoringConfig
-    from rank1_batch.encoding import EncodedPrompt, PromptEncoder
-    from rank1_batch.scorer import _as_pair, encode_pair
+    from rank1_batch.model.encoding import EncodedPrompt, PromptEncoder
+    from rank1_batch.model.scorer import _as_pair, encode_pair
 
     encoder = PromptEncoder.for_model(engine, ScoringConfig())
     encoded = [encode_pair(encoder, _as_pair(row)) for row in pq.read_table(input_dir).to_pylist()]
@@ -321,9 +321,9 @@ def raw(context, input_dir: str) -> None:
     """(c) One `LLM.generate` over all main passes, then one over all label passes."""
     from vllm import LLM, TokensPrompt
 
-    from rank1_batch.engine import Rank1Passes, engine_arguments
-    from rank1_batch.engine_metrics import EngineMeter
-    from rank1_batch.scoring import Outcome
+    from rank1_batch.model.engine import Rank1Passes, engine_arguments
+    from rank1_batch.model.engine_metrics import EngineMeter
+    from rank1_batch.model.judgement import Outcome
 
     engine = engine_config(context.parent.params)
     encoder, prompts = _prompts(input_dir, engine)
@@ -355,8 +355,8 @@ def scorer(context, input_dir: str) -> None:
     """(b) The scorer over all pairs in one call, without Ray."""
     import pyarrow.parquet as pq
 
-    from rank1_batch.engine_metrics import EngineMeter
-    from rank1_batch.scorer import Rank1Scorer
+    from rank1_batch.model.engine_metrics import EngineMeter
+    from rank1_batch.model.scorer import Rank1Scorer
 
     pairs = pq.read_table(input_dir).to_pylist()
     scorer = Rank1Scorer(engine_config(context.parent.params))
@@ -376,7 +376,7 @@ def ray_llm(context, input_dir: str) -> None:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     from vllm.platforms import current_platform
 
-    from rank1_batch.engine import Rank1Passes, engine_arguments
+    from rank1_batch.model.engine import Rank1Passes, engine_arguments
 
     params = context.parent.params
     engine = engine_config(params)

@@ -118,9 +118,9 @@ def verify(model: Path, table, budget: int, lengths: list[int], targets: list[fl
     # must stay the last line there.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from rank1_batch.config import EngineConfig, ScoringConfig
-    from rank1_batch.encoding import PromptEncoder
-    from rank1_batch.engine import Rank1Engine
-    from rank1_batch.scoring import Outcome
+    from rank1_batch.model.encoding import PromptEncoder
+    from rank1_batch.model.engine import Rank1Engine
+    from rank1_batch.model.judgement import Outcome
 
     engine = EngineConfig(model=str(model), dtype="bfloat16", max_model_len=budget + PROMPT_ROOM,
                           max_reasoning_tokens=budget, enforce_eager=True)
@@ -162,7 +162,7 @@ def verify(model: Path, table, budget: int, lengths: list[int], targets: list[fl
 @click.option("--verify", "verify_", is_flag=True,
               help="Run the pairs through the vLLM engine and print the measured lengths.")
 def main(output, pairs, seed, budget, p10, p50, p90, p99, per_query, rows_per_shard, overwrite, verify_) -> None:
-    from rank1_batch.prepare import write_shards
+    from rank1_batch.ir.prepare import write_shards
 
     targets = [p10, p50, p90, p99]
     if not 1 <= targets[0] < targets[1] < targets[2] < targets[3]:

@@ -13,14 +13,14 @@ from pathlib import Path
 import click
 
 from .config import JobConfig, JobError, job_logging
-from .encoding import ContextTooShort
-from .evaluate import eval_command
+from .model.encoding import ContextTooShort
+from .ir.evaluate import eval_command
 from .options import engine_options, job_config, run_options
-from .prepare import prepare_command
-from .report import report_command
+from .ir.prepare import prepare_command
+from .ir.report import report_command
 from .schema import InputError
-from .stages import EngineStartError
-from .submit import logs_command, status_command, stop_command, submit_command
+from .job.stages import EngineStartError
+from .cluster.submit import logs_command, status_command, stop_command, submit_command
 
 SAMPLE = Path(__file__).parent / "assets" / "sample"
 # Errors whose own message says what is wrong and where.
@@ -49,7 +49,7 @@ def run(config_path, **given):
 
 def run_and_report(job: JobConfig) -> None:
     """Run the job, print its summary, and exit non-zero when too many pairs failed."""
-    from .pipeline import run as run_job
+    from .job.pipeline import run as run_job
 
     for warning in job.ineffective_options():
         log.warning(warning)
@@ -154,9 +154,9 @@ def demo(output):
 def trec_run_command(output, tag, target):
     """Write the TREC run of a finished run's ranked/ (also written as run.trec by `run`)."""
     from .config import RunConfig
-    from .outputs import trec_run
+    from .job.outputs import trec_run
     from .schema import RANKED_SCHEMA
-    from .storage import Output
+    from .job.storage import Output
 
     ranked = Output(output, RunConfig()).read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA)
     if not ranked.num_rows:

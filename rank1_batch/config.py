@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .prompt import QUERY_PLACEHOLDER
+from .model.prompt import QUERY_PLACEHOLDER
 
 TINY_MODEL = "tiny"
 TINY_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-rank1"

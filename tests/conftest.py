@@ -83,7 +83,7 @@ def synthetic():
 
 @pytest.fixture(scope="session")
 def scorer():
-    from rank1_batch.scorer import Rank1Scorer
+    from rank1_batch.model.scorer import Rank1Scorer
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return Rank1Scorer(TINY_ENGINE)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rank1_batch.cluster import (
+from rank1_batch.cluster.connection import (
     CONNECT_TIMEOUT_SECONDS, ClusterError, is_own_cluster, ray_address, reachable, token_source,
 )
 from rank1_batch.config import RunConfig
@@ -130,7 +130,7 @@ def test_stale_recorded_cluster_is_not_joined(stale_recorded_cluster, closed_por
     """Without an address the run starts a Ray of its own, and leaves the record as it was."""
     script = (
         "import ray\n"
-        "from rank1_batch.cluster import connect\n"
+        "from rank1_batch.cluster.connection import connect\n"
         "from rank1_batch.config import JobConfig\n"
         "connect(JobConfig.from_options({'model': 'tiny'}))\n"
         "print(ray.get_runtime_context().gcs_address)\n"

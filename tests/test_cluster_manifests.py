@@ -14,8 +14,8 @@ import yaml
 
 from rank1_batch.cli import job_config, run
 from rank1_batch.config import JobConfig, load_options
-from rank1_batch.resources import actor_pool_size
-from rank1_batch.submit import is_credential_name, load_runtime_env, runtime_env
+from rank1_batch.cluster.resources import actor_pool_size
+from rank1_batch.cluster.submit import is_credential_name, load_runtime_env, runtime_env
 
 from .conftest import ROOT
 

@@ -5,7 +5,7 @@ import pytest
 
 from rank1_batch.options import job_config
 from rank1_batch.config import TINY_MODEL_DIR, EngineConfig, JobConfig, ScoringConfig, load_options
-from rank1_batch.encoding import FORCED_PASS_ROOM, ContextTooShort, PromptEncoder, PromptTooLong, context_length
+from rank1_batch.model.encoding import FORCED_PASS_ROOM, ContextTooShort, PromptEncoder, PromptTooLong, context_length
 
 JOBS = Path(__file__).parent.parent / "jobs"
 

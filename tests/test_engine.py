@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from rank1_batch import prompt
-from rank1_batch.encoding import FORCED_PASS_ROOM
-from rank1_batch.scorer import Pair
-from rank1_batch.scoring import Outcome
+from rank1_batch.model import prompt
+from rank1_batch.model.encoding import FORCED_PASS_ROOM
+from rank1_batch.model.scorer import Pair
+from rank1_batch.model.judgement import Outcome
 
 from . import reference
 
@@ -221,6 +221,6 @@ def test_scores_do_not_depend_on_the_batch(scorer, fresh_pairs):
 
 
 def test_cpu_build_uses_small_cache_blocks(scorer):
-    from rank1_batch.engine import CPU_BLOCK_SIZE
+    from rank1_batch.model.engine import CPU_BLOCK_SIZE
 
     assert scorer.engine.llm.llm_engine.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from vllm.v1.metrics import reader
 
-from rank1_batch import engine_metrics
-from rank1_batch.engine_metrics import GENERATED, STEPS, EngineFigures, EngineMeter, EngineTotals, MetricsOff, totals
+from rank1_batch.model import engine_metrics
+from rank1_batch.model.engine_metrics import GENERATED, STEPS, EngineFigures, EngineMeter, EngineTotals, MetricsOff, totals
 
 
 def snapshot(steps_by_engine: dict[str, int], generated_by_engine: dict[str, int]) -> list:

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from rank1_batch.evaluate import (
+from rank1_batch.ir.evaluate import (
     eval_command,
     evaluate,
     judged_queries,

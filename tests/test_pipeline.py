@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rank1_batch.config import JobConfig
-from rank1_batch.pipeline import run
+from rank1_batch.job.pipeline import run
 from rank1_batch.schema import InputError, RANKED_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA
-from rank1_batch.scorer import Pair
+from rank1_batch.model.scorer import Pair
 
 from .conftest import S3_TEST_ENV, candidate_lists, pair_keys, read_dir, tiny_job, write_shards
 

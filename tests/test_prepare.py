@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from rank1_batch.prepare import (
+from rank1_batch.ir.prepare import (
     PREPARED_SCHEMA,
     PrepareError,
     from_rankllm,

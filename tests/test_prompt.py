@@ -1,7 +1,7 @@
 import itertools
 import random
 
-from rank1_batch import prompt
+from rank1_batch.model import prompt
 
 from . import reference
 

@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from rank1_batch.checkpoint import ConfigurationChanged
-from rank1_batch.pipeline import run
+from rank1_batch.job.checkpoint import ConfigurationChanged
+from rank1_batch.job.pipeline import run
 from rank1_batch.schema import InputError
 
 from .conftest import candidate_lists, pair_keys, read_dir, tiny_job, tiny_run_options, write_shards

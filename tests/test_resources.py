@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from rank1_batch.config import RunConfig
-from rank1_batch.resources import (
+from rank1_batch.cluster.resources import (
     PLACEMENT_STRATEGY,
     actor_pool_size,
     engine_bundles,
@@ -90,7 +90,7 @@ def test_placement_group_is_made_by_ray(ray_session):
 MULTI_GPU_POOL = """
 import json, time, ray, ray.data
 from ray.util import get_current_placement_group
-from rank1_batch.resources import engine_resources
+from rank1_batch.cluster.resources import engine_resources
 
 @ray.remote(num_cpus=0, num_gpus=1)
 def rank():

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from rank1_batch.cli import SAMPLE, job_config, main, run
 from rank1_batch.config import EngineConfig, JobConfig, RunConfig, ScoringConfig
-from rank1_batch.submit import WORKING_DIR_EXCLUDES, entrypoint, for_cluster, runtime_env
+from rank1_batch.cluster.submit import WORKING_DIR_EXCLUDES, entrypoint, for_cluster, runtime_env
 
 from .conftest import ROOT, candidate_lists, tiny_run_options, write_shards
 

@@ -23,14 +23,14 @@ from tqdm import tqdm
 
 from . import stages
 from .checkpoint import Done, check_output, open_output
-from .cluster import connect, is_own_cluster
-from .config import JobConfig, JobError
-from .encoding import PromptEncoder
-from .engine_metrics import EngineFigures
+from ..cluster.connection import connect, is_own_cluster
+from ..config import JobConfig, JobError
+from ..model.encoding import PromptEncoder
+from ..model.engine_metrics import EngineFigures
 from .lease import Lease
 from .outputs import ThisRun, counts, trec_run, write_manifest, write_ranked
-from .scoring import OUTCOMES
-from .resources import (
+from ..model.judgement import OUTCOMES
+from ..cluster.resources import (
     PREPARE_CPUS,
     actor_pool_size,
     check_placement,
@@ -38,7 +38,7 @@ from .resources import (
     engine_resources,
     uses_gpus,
 )
-from .schema import ROW_HASH, InputError, missing_columns, source_columns, to_contract
+from ..schema import ROW_HASH, InputError, missing_columns, source_columns, to_contract
 from .storage import Output, Shard, list_input_files, read_footer, url_of
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicat
     )
 
     prompts = pairs.map_batches(
-        stages.prepare,
+        stages.build_prompts,
         fn_kwargs={"job": job, "output": output, "done": done, "duplicates": duplicates},
         batch_format="pyarrow",
         batch_size=None,

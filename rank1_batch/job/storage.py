@@ -11,8 +11,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import RunConfig
-from .schema import InputError
+from ..config import RunConfig
+from ..schema import InputError
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 

@@ -10,9 +10,9 @@ from functools import partial
 from typing import Sequence
 
 from . import prompt
-from .config import EngineConfig
+from ..config import EngineConfig
 from .encoding import PromptEncoder, context_length
-from .scoring import Judgement, Outcome, answered_label, judge
+from .judgement import Judgement, Outcome, answered_label, judge
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,14 @@ from dataclasses import asdict
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import JobConfig, job_logging
+from ..config import JobConfig, job_logging
 from .checkpoint import Done
-from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong
-from .engine_metrics import EngineTotals, read_totals
-from .scorer import pair_score
-from .ranking import top_k_mask
-from .scoring import OUTCOMES
-from .schema import (
+from ..model.encoding import EncodedPrompt, PromptEncoder, PromptTooLong
+from ..model.engine_metrics import EngineTotals, read_totals
+from ..model.scorer import pair_score
+from ..ir.ranking import top_k_mask
+from ..model.judgement import OUTCOMES
+from ..schema import (
     ERRORS_SCHEMA,
     REASON,
     ROW_HASH,
@@ -64,7 +64,7 @@ def _encoder(job: JobConfig) -> PromptEncoder:
     return _encoders[key]
 
 
-def prepare(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None) -> pa.Table:
+def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None) -> pa.Table:
     """Skip work already done, validate rows, keep the top k, and build each prompt. Rows set
     aside (rejected, or beyond the top k) are written here and pass on without a prompt, so the
     progress display can count them."""
@@ -119,7 +119,7 @@ class ScorePairs:
     """
 
     def __init__(self, job: JobConfig, output: Output):
-        from .engine import AsyncRank1Engine
+        from ..model.engine import AsyncRank1Engine
 
         job_logging()
         self.job, self.output = job, output

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .config import JobConfig, JobError
+from ..config import JobConfig, JobError
 from .lease import LEASE_FILE
 from .outputs import JOB_FILE, LAYOUT, MANIFEST
-from .schema import ROW_HASH
+from ..schema import ROW_HASH
 from .storage import Output
 
 KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])

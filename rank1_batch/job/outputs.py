@@ -9,11 +9,11 @@ from importlib import metadata
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import JobConfig
-from .engine_metrics import EngineFigures
-from .ranking import rank
-from .schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
-from .scoring import OUTCOMES
+from ..config import JobConfig
+from ..model.engine_metrics import EngineFigures
+from ..ir.ranking import rank
+from ..schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
+from ..model.judgement import OUTCOMES
 from .storage import Output
 
 RANKED_ROWS_PER_FILE = 1_000_000

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import prompt
-from .config import EngineConfig, ScoringConfig
+from ..config import EngineConfig, ScoringConfig
 
 # The forced pass appends "\n", the cut reasoning, "\n" and `</think>`, then reads one token:
 # room kept beyond the reasoning budget so that pass fits whenever the main pass did.

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import JobConfig, JobError, RunConfig
+from ..config import JobConfig, JobError, RunConfig
 
 log = logging.getLogger(__name__)
 

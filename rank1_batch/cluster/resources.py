@@ -14,7 +14,7 @@ import logging
 from functools import partial
 from typing import Any
 
-from .config import JobError, RunConfig
+from ..config import JobError, RunConfig
 
 PLACEMENT_STRATEGY = "STRICT_PACK"
 # Building prompts is light next to generation and needs less than a core. A request unlike the

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .schema import INPUT_SCHEMA
+from ..schema import INPUT_SCHEMA
 
 # The contract's columns that these formats can fill (none carries an instruction).
 PREPARED_SCHEMA = pa.schema([field for field in INPUT_SCHEMA if field.name != "instruction"])

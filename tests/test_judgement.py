@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from rank1_batch.scoring import FALLBACK_SCORE, Outcome, answered_label, judge, score_from_logprobs
+from rank1_batch.model.judgement import FALLBACK_SCORE, Outcome, answered_label, judge, score_from_logprobs
 
 
 @pytest.mark.parametrize("lt,lf", [(-0.1, -2.5), (-3.0, -0.05), (-1.0, -1.0), (-700.0, -0.0), (-0.0, -800.0)])

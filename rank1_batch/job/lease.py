@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from .config import JobError
+from ..config import JobError
 from .storage import Output
 
 LEASE_FILE = "_lease.json"

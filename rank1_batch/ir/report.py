@@ -22,12 +22,12 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
-from .config import RunConfig
+from ..config import RunConfig
 from .evaluate import DEFAULT_METRICS, evaluate, judged_queries, read_qrels, run_from_ranks
-from .outputs import MANIFEST
-from .schema import RANKED_SCHEMA, SCORES_SCHEMA
-from .stages import OUTCOMES
-from .storage import Output
+from ..job.outputs import MANIFEST
+from ..schema import RANKED_SCHEMA, SCORES_SCHEMA
+from ..model.judgement import OUTCOMES
+from ..job.storage import Output
 
 REPORT_DIR = "report"
 REPORT = "report.md"

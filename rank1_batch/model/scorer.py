@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .config import EngineConfig, ScoringConfig
+from ..config import EngineConfig, ScoringConfig
 from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong, load_tokenizer
 from .engine import Generation, Rank1Engine
 
