@@ -20,6 +20,7 @@ from .ir.prepare import prepare_command
 from .ir.report import report_command
 from .schema import InputError
 from .job.stages import EngineStartError
+from .job.store_commands import store_group
 from .cluster.submit import logs_command, status_command, stop_command, submit_command
 
 SAMPLE = Path(__file__).parent / "assets" / "sample"
@@ -172,6 +173,7 @@ for command in (
     status_command,
     logs_command,
     stop_command,
+    store_group,
 ):
     main.add_command(command)
 

@@ -10,6 +10,22 @@ import click
 from .config import FIT_POLICIES, JobConfig, load_options
 
 POOL_OPTIONS = ("engines", "min_engines", "max_engines")
+# Where storage URLs lead, for every command that reads or writes them (never credentials).
+S3_OPTIONS = (
+    click.option("--s3-endpoint-url", help="S3 endpoint (credentials come from the AWS environment)."),
+    click.option("--s3-profile", help="AWS profile for S3."),
+)
+
+
+def _with_options(command, options):
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def s3_options(command):
+    """--s3-endpoint-url and --s3-profile, as `run` takes them."""
+    return _with_options(command, S3_OPTIONS)
 
 
 def engine_options(command):
@@ -38,9 +54,7 @@ def engine_options(command):
         click.option("--threshold", type=float, help="Score at or above which the label is true."),
         click.option("--task-template", help="Template with FILL_QUERY_HERE wrapping each query."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options)
 
 
 def run_options(command):
@@ -70,14 +84,11 @@ def run_options(command):
         click.option("--stall-timeout", type=float, help="Seconds without a committed batch before the run fails (default 1800)."),
         click.option("--max-failed-share", type=float,
                      help="Share of pairs rejected or fallen back above which the run exits non-zero (default 0.05)."),
-        click.option("--s3-endpoint-url", help="S3 endpoint (credentials come from the AWS environment)."),
-        click.option("--s3-profile", help="AWS profile for S3."),
+        *S3_OPTIONS,
         click.option("--overwrite/--no-overwrite", default=None, help="Replace an output made with another configuration."),
         click.option("--verbose/--quiet", default=None, help="Show Ray and vLLM logs."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options)
 
 
 def job_config(config_path: str | None, given: dict) -> JobConfig:

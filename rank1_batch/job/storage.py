@@ -38,6 +38,11 @@ def _is_hidden(path: str) -> bool:
     return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
 
 
+def is_part_file(path: str) -> bool:
+    """A committed Parquet file: not a marker, nor a file still being written under a hidden name."""
+    return path.endswith(".parquet") and not _is_hidden(path)
+
+
 def list_input_files(run: RunConfig) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """Every Parquet file named by the inputs (files, directories, globs), in a stable order."""
     if not run.input:
@@ -113,14 +118,14 @@ class Output:
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
-    def write_table(self, directory: str, name: str, table: pa.Table) -> None:
+    def write_table(self, directory: str, name: str, table: pa.Table, row_group_size: int | None = None) -> None:
         """Write one Parquet file so that readers never see it half-written.
 
         An object store shows an object only once its upload completes; on other filesystems the
         file is written under a hidden name and renamed.
         """
         buffer = io.BytesIO()
-        pq.write_table(table, buffer)
+        pq.write_table(table, buffer, row_group_size=row_group_size)
         self.write_bytes(f"{directory}/{name}", buffer.getvalue())
 
     def write_bytes(self, relative: str, data: bytes) -> None:
@@ -138,7 +143,7 @@ class Output:
         base = self.path(directory)
         if not self.fs.exists(base):
             return []
-        return sorted(p for p in self.fs.find(base) if p.endswith(".parquet") and not _is_hidden(p))
+        return sorted(p for p in self.fs.find(base) if is_part_file(p))
 
     def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
         """All committed part files of a directory as one table (empty with `schema` if none)."""
