@@ -128,6 +128,8 @@ class RunConfig:
     # Batches each engine actor holds at once: while one batch's last chains finish, the next
     # batches' pairs fill the engine. 1 is one batch at a time.
     max_concurrent_batches: int = 4
+    # A score store (fsspec URL): pairs judged before, under the same key, are reused, not scored.
+    store: str | None = None
     ray_address: str | None = None
     s3_endpoint_url: str | None = None
     s3_profile: str | None = None

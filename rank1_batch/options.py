@@ -71,6 +71,8 @@ def run_options(command):
                      help="Leave out of labels/ the pairs whose outcome is not `answered`."),
         click.option("--trec-run/--no-trec-run", default=None, help="Write run.trec."),
         click.option("--run-tag", help="Tag in run.trec."),
+        click.option("--store", help="Score store URL (any fsspec URL): reuse the judgements stored there and "
+                                     "add this run's; created when missing."),
         click.option("--engines", type=int, help="Number of engines (actors)."),
         click.option("--min-engines", type=int, help="Autoscaling: fewest engines."),
         click.option("--max-engines", type=int, help="Autoscaling: most engines."),

@@ -35,6 +35,8 @@ SCORES_SCHEMA = pa.schema(
         ("truncated", pa.bool_()),
         ("first_stage_rank", pa.int64()),
         ("first_stage_score", pa.float64()),
+        # the judgement came from the score store; null in outputs written before the column: false
+        ("reused", pa.bool_()),
     ]
 )
 UNSCORED_SCHEMA = pa.schema([SCORES_SCHEMA.field(name) for name in ("query_id", "doc_id", "first_stage_rank", "first_stage_score")])

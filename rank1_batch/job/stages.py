@@ -7,13 +7,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import JobConfig, job_logging
 from .checkpoint import Done
+from .engine_deaths import Death, EngineDeaths
+from .engine_monitor import EngineMonitor
 from ..model.encoding import EncodedPrompt, PromptEncoder, PromptTooLong
 from ..model.engine_metrics import EngineTotals, read_totals
 from ..model.scorer import pair_score
@@ -32,25 +34,42 @@ from ..schema import (
     split_rejects,
     to_contract,
 )
+from .score_store import KEY_TYPE, ScoreStore, store_keys
 from .storage import Output, content_name
 
 IDS = ("query_id", "doc_id", "first_stage_rank", "first_stage_score")
-# The texts ride along to the writer, which needs them for relevance labels.
-PASSTHROUGH = (*IDS, "query", "text")
+# The texts ride along to the writer, which needs them for relevance labels, and with the pair's
+# store key (null without a store) to the score store.
+PASSTHROUGH = (*IDS, "query", "instruction", "text", "store_key")
 PROMPTS_SCHEMA = pa.schema(
     [
         *(SCORES_SCHEMA.field(name) for name in IDS),
         ("query", pa.string()),
+        ("instruction", pa.string()),
         ("text", pa.string()),
-        # null for a pair set aside here (rejected, or outside the top k): it is only counted later
+        ("store_key", KEY_TYPE),
+        # null for a pair set aside here (rejected, beyond the top k, or reused): it is only counted later
         ("prompt_token_ids", pa.list_(pa.int32())),
         ("truncated", pa.bool_()),
     ]
 )
-# Scores with the reasoning and texts beside them, as the score stage hands them to the writer.
+# Scores with the reasoning, texts and store key beside them, as the score stage hands them to the writer.
 SCORED_SCHEMA = pa.schema(
-    [*SCORES_SCHEMA, TRACES_SCHEMA.field("reasoning"), PROMPTS_SCHEMA.field("query"), PROMPTS_SCHEMA.field("text")]
+    [*SCORES_SCHEMA, TRACES_SCHEMA.field("reasoning"), *(PROMPTS_SCHEMA.field(name) for name in PASSTHROUGH[len(IDS):])]
 )
+
+# What the store keeps of a judgement, and a reused pair takes back from it.
+JUDGEMENT = ("score", "outcome", "logprob_true", "logprob_false", "reasoning_tokens", "prompt_tokens", "truncated",
+             "reasoning")
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A run's score store, the result identity its keys are made under, and the run's id."""
+
+    store: ScoreStore
+    result: dict
+    run_id: str
 
 log = logging.getLogger(__name__)
 _encoders: dict[str, PromptEncoder] = {}
@@ -64,10 +83,11 @@ def _encoder(job: JobConfig) -> PromptEncoder:
     return _encoders[key]
 
 
-def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None) -> pa.Table:
-    """Skip work already done, validate rows, keep the top k, and build each prompt. Rows set
-    aside (rejected, or beyond the top k) are written here and pass on without a prompt, so the
-    progress display can count them."""
+def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
+                  reuse: Reuse | None) -> pa.Table:
+    """Skip work already done, validate rows, keep the top k, build each prompt, and commit the
+    pairs whose judgement is in the score store. Rows set aside (rejected, beyond the top k, or
+    reused) are written here and pass on without a prompt, so the progress display can count them."""
     pairs = to_contract(batch, job.run.columns)
     pairs = pairs.filter(pc.invert(pc.is_in(pairs[ROW_HASH], done.rejected_rows)))
     pairs, rejects = split_rejects(pairs, duplicates)
@@ -86,7 +106,31 @@ def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, d
         output.write_table("unscored", content_name(tail["query_id"], tail["doc_id"]), tail)
 
     to_score = pairs.append_column("prompt_token_ids", prompts).append_column("truncated", truncated).filter(fits)
-    return pa.concat_tables([conform(rows, PROMPTS_SCHEMA) for rows in (to_score, rejects, tail)])
+    reused = pa.table({})
+    if reuse is not None and to_score.num_rows:
+        to_score, reused = reuse_stored(to_score, reuse, job, output)
+    return pa.concat_tables([conform(rows, PROMPTS_SCHEMA) for rows in (to_score, rejects, tail, reused)])
+
+
+def reuse_stored(to_score: pa.Table, reuse: Reuse, job: JobConfig, output: Output) -> tuple[pa.Table, pa.Table]:
+    """Commit the pairs the store has judged, with this run's ids and threshold, as a batch of
+    their own; return the others with their store keys, and the reused ones."""
+    keys = store_keys(reuse.result, to_score["prompt_token_ids"])
+    to_score = to_score.append_column("store_key", keys)
+    stored = reuse.store.lookup(to_score["query"], keys, to_score["instruction"])
+    found = pc.is_in(keys, value_set=stored["key"])
+    hits = to_score.filter(found)
+    if hits.num_rows:
+        judged = stored.take(pc.index_in(hits["store_key"], value_set=stored["key"]))
+        scored = hits.select(PASSTHROUGH)
+        for name in JUDGEMENT:
+            scored = scored.append_column(name, judged[name])
+        scored = (scored.append_column("label", pc.greater_equal(scored["score"], job.scoring.threshold))
+                  .append_column("reused", pa.array([True] * scored.num_rows)))
+        name = content_name(hits["query_id"], hits["doc_id"])
+        write_results(conform(scored, SCORED_SCHEMA), ERRORS_SCHEMA.empty_table(), name, job, output)
+    log.info("score store: %d of %d pairs reused", hits.num_rows, to_score.num_rows)
+    return to_score.filter(pc.invert(found)), hits.drop_columns(["prompt_token_ids"])
 
 
 def _encode(encoder: PromptEncoder, pairs: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:
@@ -118,16 +162,32 @@ class ScorePairs:
     most the batches in flight. The writes run in a thread, off the engine's event loop.
     """
 
-    def __init__(self, job: JobConfig, output: Output):
+    def __init__(self, job: JobConfig, output: Output, reuse: Reuse | None = None):
+        job_logging()
+        self.job, self.output, self.reuse = job, output, reuse
+        self.engine, self.monitor, self.engine_totals = None, None, EngineTotals(0, 0)
+        self.start_counted = False  # the engine's start is counted with the first batch after it
+        self.deaths = EngineDeaths(output)
+        self.restarted = was_restarted()
+        # Each batch on this actor, with the pair it has alone in the engine when it runs one at a time.
+        self.in_flight: dict[str, tuple[str, str] | None] = {}
+        # With a store, the engine starts with the first pair the store has not judged, so that a
+        # night whose pairs are all stored starts none; without one, with the actor, where a
+        # failure to start is clearest.
+        if reuse is None:
+            self.start_engine()
+
+    def start_engine(self) -> None:
+        import ray
+
         from ..model.engine import AsyncRank1Engine
 
-        job_logging()
-        self.job, self.output = job, output
         try:
-            self.engine = AsyncRank1Engine(job.engine, _encoder(job))
+            self.engine = AsyncRank1Engine(self.job.engine, _encoder(self.job))
         except Exception as error:
-            raise EngineStartError(f"the engine could not start (model {job.engine.model}): {error}") from error
+            raise EngineStartError(f"the engine could not start (model {self.job.engine.model}): {error}") from error
         self.engine_totals = read_totals()
+        self.monitor = EngineMonitor() if ray.is_initialized() else None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.monotonic()
@@ -136,26 +196,76 @@ class ScorePairs:
             EncodedPrompt(ids, truncated)
             for ids, truncated in zip(prompts["prompt_token_ids"].to_pylist(), prompts["truncated"].to_pylist())
         ]
-        generations = await asyncio.gather(*(self.engine.generate(item.token_ids) for item in encoded), return_exceptions=True)
-        if any(isinstance(generation, BaseException) and is_engine_dead(generation) for generation in generations):
-            # Ray restarts an actor whose process died and retries its batches on a new engine.
-            log.error("the engine died; ending this actor so that Ray starts another")
-            os._exit(1)
-        scored, errors = score_table(prompts, encoded, generations, self.job.scoring.threshold)
+        if encoded and self.engine is None:
+            self.start_engine()  # on the event loop, so no other batch reaches the engine before it is up
+        if self.monitor:
+            self.monitor.start()
         name = content_name(prompts["query_id"], prompts["doc_id"])  # the whole batch: a retry rewrites it
+        death = await asyncio.to_thread(self.deaths.recorded, name) if self.restarted else None
+        self.in_flight[name] = None
+        if death is None:
+            generations = await asyncio.gather(*(self.generate(item) for item in encoded))
+        else:
+            generations = await self.generate_one_at_a_time(name, prompts, encoded, death)
+        del self.in_flight[name]
+        scored, errors = score_table(prompts, encoded, generations, self.job.scoring.threshold)
+        if self.reuse is not None and scored.num_rows:
+            # Before the commit: a pair committed is in the store, so a resume never scores it again.
+            await asyncio.to_thread(self.reuse.store.add, store_rows(scored, self.job.engine.model), self.reuse.run_id)
         await asyncio.to_thread(write_results, scored, errors, name, self.job, self.output)
-        now = read_totals()
+        if death is not None:
+            await asyncio.to_thread(self.deaths.clear, name)
+        now = read_totals() if self.engine else self.engine_totals
         engine, self.engine_totals = now - self.engine_totals, now
-        counts = batch_counts(batch, scored, errors, engine)
+        starts = int(self.engine is not None and not self.start_counted)
+        self.start_counted = self.engine is not None
+        counts = batch_counts(batch, scored, errors, engine, starts)
         log.info("batch of %d pairs committed in %.1f s: %d reasoning tokens, %d errors", prompts.num_rows,
                  time.monotonic() - started, pc.sum(scored["reasoning_tokens"]).as_py() or 0, errors.num_rows)
         return counts
 
+    async def generate(self, item: EncodedPrompt):
+        """A pair's generation, or the error its request failed with. A dead engine ends the actor."""
+        from vllm.v1.engine.exceptions import EngineDeadError
 
-def is_engine_dead(error: BaseException) -> bool:
-    from vllm.v1.engine.exceptions import EngineDeadError
+        try:
+            return await self.engine.generate(item.token_ids)
+        except EngineDeadError:
+            self.end_actor()
+        except Exception as error:
+            return error
 
-    return isinstance(error, EngineDeadError)
+    async def generate_one_at_a_time(self, name: str, prompts: pa.Table, encoded: list[EncodedPrompt], death: Death) -> list:
+        """A batch that was in the engine when it died: its pairs one at a time, so that a second
+        death names its pair. A pair named so is not sent again (see `engine_deaths`)."""
+        log.warning("batch %s was in flight when an engine died (%d time(s)): scoring its pairs one at a time", name, death.deaths)
+        generations = []
+        for pair, item in zip(zip(prompts["query_id"].to_pylist(), prompts["doc_id"].to_pylist()), encoded):
+            if pair == death.alone:
+                generations.append(EngineKilled("the engine died twice with this pair in flight, the second time alone"))
+                continue
+            self.in_flight[name] = pair
+            generations.append(await self.generate(item))
+        return generations
+
+    def end_actor(self) -> None:
+        """Ray restarts an actor whose process died and retries its batches on a new engine; the
+        record of what was in flight bounds those retries."""
+        log.error("the engine died; ending this actor so that Ray starts another")
+        self.deaths.record(self.in_flight)
+        os._exit(1)
+
+
+class EngineKilled(RuntimeError):
+    """A pair that took the engine down twice: a row error, not sent again in this run."""
+
+
+def was_restarted() -> bool:
+    """Whether this process is a Ray actor that Ray restarted after it died."""
+    import ray
+
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    return bool(context and context.get_actor_id() and context.was_current_actor_reconstructed)
 
 
 def score_table(prompts: pa.Table, encoded: list[EncodedPrompt], generations: list, threshold: float) -> tuple[pa.Table, pa.Table]:
@@ -163,7 +273,7 @@ def score_table(prompts: pa.Table, encoded: list[EncodedPrompt], generations: li
     engine's message."""
     failed = pa.array([isinstance(generation, BaseException) for generation in generations], pa.bool_())
     results = [
-        pair_score(generation, item, threshold).to_dict()
+        {**pair_score(generation, item, threshold).to_dict(), "reused": False}
         for generation, item in zip(generations, encoded)
         if not isinstance(generation, BaseException)
     ]
@@ -176,11 +286,20 @@ def score_table(prompts: pa.Table, encoded: list[EncodedPrompt], generations: li
     return conform(scored, SCORED_SCHEMA), errors
 
 
-def batch_counts(batch: pa.Table, scored: pa.Table, errors: pa.Table, engine: EngineTotals) -> pa.Table:
+def store_rows(scored: pa.Table, model: str) -> pa.Table:
+    """Scored pairs as the score store takes them: by key, with the query that partitions them."""
+    rows = scored.select(["store_key", "query", "instruction", *JUDGEMENT]).rename_columns(
+        ["key", "query", "instruction", *JUDGEMENT])
+    return rows.append_column("model", pa.array([model] * rows.num_rows, pa.string()))
+
+
+def batch_counts(batch: pa.Table, scored: pa.Table, errors: pa.Table, engine: EngineTotals, engine_starts: int) -> pa.Table:
     """What the driver counts of a committed batch: its pairs (set-aside ones included), outcomes
-    and errors, and the engine's steps and generated tokens since the actor's previous batch."""
+    and errors, the engine's steps and generated tokens since the actor's previous batch, and
+    whether the actor started its engine since then."""
     counts = {"pairs": batch.num_rows, **dict.fromkeys(OUTCOMES, 0), **count_values(scored["outcome"]),
-              "errors": errors.num_rows, "engine_steps": engine.steps, "generated_tokens": engine.generated_tokens}
+              "errors": errors.num_rows, "engine_steps": engine.steps, "generated_tokens": engine.generated_tokens,
+              "engine_starts": engine_starts}
     return pa.Table.from_pylist([counts])
 
 

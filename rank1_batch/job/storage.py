@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import RunConfig
-from ..schema import InputError
+from ..schema import InputError, conform
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 
@@ -147,13 +147,15 @@ class Output:
 
     def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
         """All committed part files of a directory as one table (empty with `schema` if none)."""
+        wanted = pa.schema([schema.field(name) for name in columns])
         tables = []
         for path in self.files(directory):
             with self.fs.open(path, "rb") as handle:
-                tables.append(pq.read_table(handle, columns=columns))
-        if not tables:
-            return schema.empty_table().select(columns)
-        return pa.concat_tables(tables)
+                parquet = pq.ParquetFile(handle)
+                # a column added to the layout later is null in files written before it
+                present = [name for name in columns if name in parquet.schema_arrow.names]
+                tables.append(conform(parquet.read(columns=present, use_threads=False), wanted))
+        return pa.concat_tables([wanted.empty_table(), *tables])
 
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))

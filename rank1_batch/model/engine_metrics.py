@@ -79,6 +79,34 @@ def totals(metrics) -> EngineTotals:
     return EngineTotals(int(sum(steps)), int(sum(generated)))
 
 
+# What an engine is doing now, by vLLM's metric: a gauge's value, or a counter's total so far.
+NOW = {
+    "running_sequences": "vllm:num_requests_running",
+    "waiting_sequences": "vllm:num_requests_waiting",
+    "kv_cache_usage": "vllm:kv_cache_usage_perc",
+    "prefix_cache_queries": "vllm:prefix_cache_queries",
+    "prefix_cache_hits": "vllm:prefix_cache_hits",
+    "generated_tokens": GENERATED,
+}
+
+
+def engine_state(metrics) -> dict[str, float]:
+    """The figures of `NOW` and the engine steps so far, summed over the engines a
+    `get_metrics_snapshot()` list labels; a metric absent from it counts 0."""
+    state = {
+        figure: float(sum(metric.value for metric in metrics if metric.name == name))
+        for figure, name in NOW.items()
+    }
+    state["engine_steps"] = float(sum(metric.count for metric in metrics if metric.name == STEPS))
+    return state
+
+
+def read_engine_state() -> dict[str, float]:
+    from vllm.v1.metrics.reader import get_metrics_snapshot
+
+    return engine_state(get_metrics_snapshot())
+
+
 def read_totals() -> EngineTotals:
     from vllm.v1.metrics.reader import get_metrics_snapshot
 
