@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -53,6 +55,23 @@ def test_continuous_feeding_gives_the_batch_scorers_scores(local_run, scorer):
     assert [result.outcome for result in batch] == scores["outcome"].to_pylist()
     assert [result.score for result in batch] == pytest.approx(scores["score"].to_pylist(), abs=1e-6)
     assert [result.reasoning_tokens for result in batch] == scores["reasoning_tokens"].to_pylist()
+
+
+def test_engine_figures_reach_rays_prometheus_endpoint(local_run):
+    """What a cluster's Prometheus scrapes from each node: the engines' figures, per actor."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + 60  # Ray's agent exports at intervals
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        generated = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("ray_rank1_engine_generated_tokens{")]
+        if any(generated) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert any(generated), "no engine figures at Ray's metrics endpoint"
+    assert "ray_rank1_engine_running_sequences{" in text and "ray_rank1_engine_kv_cache_usage{" in text
 
 
 def test_local_run_writes_every_pair_once(local_run):

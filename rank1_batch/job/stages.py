@@ -220,6 +220,8 @@ class ScorePairs:
         starts = int(self.engine is not None and not self.start_counted)
         self.start_counted = self.engine is not None
         counts = batch_counts(batch, scored, errors, engine, starts)
+        if self.monitor:
+            self.monitor.publish()
         log.info("batch of %d pairs committed in %.1f s: %d reasoning tokens, %d errors", prompts.num_rows,
                  time.monotonic() - started, pc.sum(scored["reasoning_tokens"]).as_py() or 0, errors.num_rows)
         return counts
