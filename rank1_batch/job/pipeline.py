@@ -41,7 +41,7 @@ from ..cluster.resources import (
     uses_gpus,
 )
 from ..schema import ROW_HASH, InputError, missing_columns, source_columns, to_contract
-from .storage import Output, Shard, list_input_files, read_footer, url_of
+from .storage import READERS, Output, Shard, list_input_files, read_footer, url_of
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Stalled(JobError):
 def inspect_inputs(job: JobConfig) -> tuple[object, list[Shard]]:
     """Every input file's footer, checked against the contract before any engine starts."""
     fs, files = list_input_files(job.run)
-    with ThreadPoolExecutor(max_workers=16) as pool:
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
         shards = list(pool.map(lambda path: read_footer(fs, path), files))
     for shard in shards:
         missing = missing_columns(shard.columns, job.run.columns)
@@ -191,7 +191,7 @@ def has_repeated_keys(fs, shards: list[Shard], job: JobConfig) -> bool:
             table = pq.read_table(handle, columns=key_columns(job))
         return to_contract(table, job.run.columns).select(["query_id", "doc_id"])
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
         table = pa.concat_tables(pool.map(keys, shards))
     return table.group_by(["query_id", "doc_id"]).aggregate([]).num_rows < table.num_rows
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ from ..config import RunConfig
 from ..schema import InputError, conform
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+# Files read at once from one directory: object stores answer each request slowly but many in parallel.
+READERS = 16
 
 
 def storage_options(url: str, run: RunConfig) -> dict[str, Any]:
@@ -146,15 +149,20 @@ class Output:
         return sorted(p for p in self.fs.find(base) if is_part_file(p))
 
     def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
-        """All committed part files of a directory as one table (empty with `schema` if none)."""
+        """All committed part files of a directory as one table (empty with `schema` if none).
+        Files are read many at a time: on object storage each costs round trips, not bandwidth."""
         wanted = pa.schema([schema.field(name) for name in columns])
-        tables = []
-        for path in self.files(directory):
+
+        def read_file(path: str) -> pa.Table:
             with self.fs.open(path, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
                 # a column added to the layout later is null in files written before it
                 present = [name for name in columns if name in parquet.schema_arrow.names]
-                tables.append(conform(parquet.read(columns=present, use_threads=False), wanted))
+                # Arrow's own threads on a Python file object can outlive the read and abort the process at exit
+                return conform(parquet.read(columns=present, use_threads=False), wanted)
+
+        with ThreadPoolExecutor(max_workers=READERS) as pool:
+            tables = list(pool.map(read_file, self.files(directory)))
         return pa.concat_tables([wanted.empty_table(), *tables])
 
     def exists(self, relative: str) -> bool:
