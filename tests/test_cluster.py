@@ -94,7 +94,7 @@ def run_command(args: list[str], env: dict, tmp_path: Path) -> tuple[subprocess.
                "--output", str(tmp_path / "out"), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     ended = time.time()
-    joining = re.search(r"^(\S+ \S+) INFO rank1_batch\.cluster: joining the Ray cluster", result.stderr, re.MULTILINE)
+    joining = re.search(r"^(\S+ \S+) INFO rank1_batch\.cluster\.connection: joining the Ray cluster", result.stderr, re.MULTILINE)
     assert joining, result.stderr
     return result, ended - datetime.strptime(joining[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
