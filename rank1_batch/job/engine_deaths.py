@@ -46,7 +46,7 @@ class EngineDeaths:
     def recorded(self, batch: str) -> Death | None:
         if not self.output.exists(self._relative(batch)):
             return None
-        found = json.loads(self.output.fs.cat_file(self.output.path(DEATHS_DIR, f"{batch}.json")))
+        found = json.loads(self.output.fs.cat_file(self.output.path(self._relative(batch))))
         return Death(found["deaths"], tuple(found["alone"]) if found["alone"] else None)
 
     def record(self, in_flight: dict[str, tuple[str, str] | None]) -> None:
@@ -58,4 +58,4 @@ class EngineDeaths:
 
     def clear(self, batch: str) -> None:
         if self.output.exists(self._relative(batch)):
-            self.output.fs.rm(self.output.path(DEATHS_DIR, f"{batch}.json"))
+            self.output.fs.rm(self.output.path(self._relative(batch)))

@@ -81,12 +81,14 @@ DEFAULT_PARTITIONS = 256
 ROW_GROUP_ROWS = 1024
 KEY_TYPE = pa.binary(32)
 JUDGED_AT_TYPE = pa.timestamp("us", tz="UTC")
+# What the store keeps of a judgement, and a reused pair takes back from it.
+JUDGEMENT = ("score", "logprob_true", "logprob_false", "outcome", "reasoning_tokens", "prompt_tokens", "truncated",
+             "reasoning")
 STORE_SCHEMA = pa.schema(
     [
         ("key", KEY_TYPE),
         ("query_hash", pa.int64()),
-        *(SCORES_SCHEMA.field(name) for name in
-          ("score", "logprob_true", "logprob_false", "outcome", "reasoning_tokens", "prompt_tokens", "truncated")),
+        *(SCORES_SCHEMA.field(name) for name in JUDGEMENT[:-1]),
         TRACES_SCHEMA.field("reasoning"),
         LABELS_SCHEMA.field("model"),
         ("judged_at", JUDGED_AT_TYPE),

@@ -34,7 +34,7 @@ from ..schema import (
     split_rejects,
     to_contract,
 )
-from .score_store import KEY_TYPE, ScoreStore, store_keys
+from .score_store import JUDGEMENT, KEY_TYPE, ScoreStore, store_keys
 from .storage import Output, content_name
 
 IDS = ("query_id", "doc_id", "first_stage_rank", "first_stage_score")
@@ -58,10 +58,6 @@ SCORED_SCHEMA = pa.schema(
     [*SCORES_SCHEMA, TRACES_SCHEMA.field("reasoning"), *(PROMPTS_SCHEMA.field(name) for name in PASSTHROUGH[len(IDS):])]
 )
 
-# What the store keeps of a judgement, and a reused pair takes back from it.
-JUDGEMENT = ("score", "outcome", "logprob_true", "logprob_false", "reasoning_tokens", "prompt_tokens", "truncated",
-             "reasoning")
-
 
 @dataclass(frozen=True)
 class Reuse:
@@ -70,6 +66,7 @@ class Reuse:
     store: ScoreStore
     result: dict
     run_id: str
+
 
 log = logging.getLogger(__name__)
 _encoders: dict[str, PromptEncoder] = {}
