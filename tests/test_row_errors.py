@@ -102,3 +102,13 @@ def test_a_pair_that_killed_the_engine_twice_is_a_row_error(actor):
     assert errors["doc_id"].to_pylist() == ["d2"] and "died twice" in errors["error"][0].as_py()
     assert pq.read_table(output / "scores")["doc_id"].to_pylist() == ["d1"]
     assert not list((output / DEATHS_DIR).iterdir())
+
+
+def test_the_async_engine_schedules_as_many_sequences_as_the_batch_engine(actor, scorer):
+    """vLLM sizes its scheduler by how it is started: the score stage's engine must get the limits
+    of an offline `vllm.LLM`, not those of a server's engine (half as many sequences per step here)."""
+    stage, _, _ = actor
+    batch_engine = scorer.engine.llm.llm_engine.vllm_config.scheduler_config
+    stage_engine = stage.engine.llm.vllm_config.scheduler_config
+    limits = ("max_num_seqs", "max_num_batched_tokens")
+    assert [getattr(stage_engine, name) for name in limits] == [getattr(batch_engine, name) for name in limits]
