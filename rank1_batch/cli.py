@@ -65,14 +65,16 @@ def run_and_report(job: JobConfig) -> None:
     failed, total = failed_pairs(manifest["counts"])
     if failed and (failed == total or failed / total > job.run.max_failed_share):
         raise click.ClickException(
-            f"{failed} of {total} input pairs ({failed / total:.1%}) were rejected or fell back, more than "
+            f"{failed} of {total} pairs to rerank ({failed / total:.1%}) were rejected or fell back, more than "
             f"--max-failed-share {job.run.max_failed_share:g}: see rejects/ and the scores whose outcome is fallback"
         )
 
 
 def failed_pairs(counts: dict) -> tuple[int, int]:
-    """Pairs rejected or scored by the fallback, and all input pairs."""
-    return counts["rejected"] + counts["outcomes"].get("fallback", 0), counts["input"]
+    """Pairs rejected or scored by the fallback, and the pairs the run was to rerank: candidates
+    beyond --top-k are left out, so a night where every reranked pair failed is never diluted
+    into a small share."""
+    return counts["rejected"] + counts["outcomes"].get("fallback", 0), counts["input"] - counts["unscored"]
 
 
 @contextmanager

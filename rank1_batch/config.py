@@ -18,6 +18,7 @@ TINY_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-rank1"
 # budget to what is left, as the public reference does; `budget` cuts the passage so that the
 # whole budget fits.
 FIT_POLICIES = ("reference", "budget")
+DEFAULT_FIT = "reference"
 DEVICES = ("auto", "gpu", "cpu")
 
 
@@ -52,7 +53,8 @@ class EngineConfig:
     dtype: str = "auto"
     max_model_len: int | None = None  # None: the reference's 16,000, or the model's own context if shorter
     max_reasoning_tokens: int = 8192
-    fit: str = "reference"  # see FIT_POLICIES
+    # See FIT_POLICIES. None: a resumed output keeps its own policy, anything else gets DEFAULT_FIT.
+    fit: str | None = None
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
@@ -73,7 +75,7 @@ class EngineConfig:
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, not {value}")
-        if self.fit not in FIT_POLICIES:
+        if self.fit is not None and self.fit not in FIT_POLICIES:
             raise ValueError(f"{_flag('fit')} {self.fit!r}: expected {' or '.join(FIT_POLICIES)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], not {self.gpu_memory_utilization}")
@@ -140,7 +142,11 @@ class RunConfig:
     # Seconds without a committed batch after which the run fails: well above one batch at the
     # reference budget (8,192 tokens) on a GPU, and above a first batch that waits for weights.
     stall_timeout: float = 1800.0
-    # Share of input pairs rejected or fallen back above which the run exits non-zero.
+    # Seconds after SIGTERM for the batches in flight to commit before the run exits: inside
+    # Kubernetes' default grace of 30 s; raise both together where batches take longer.
+    grace_period: float = 25.0
+    # Share of the pairs to rerank (input pairs within the top k) rejected or fallen back, above
+    # which the run exits non-zero.
     max_failed_share: float = 0.05
 
     def __post_init__(self):
@@ -156,7 +162,7 @@ class RunConfig:
             raise ValueError(f"--min-engines {self.min_engines} is more than --max-engines {self.max_engines}")
         if self.cpus_per_engine < 0:
             raise ValueError(f"--cpus-per-engine must not be negative, not {self.cpus_per_engine}")
-        for name in ("placement_timeout", "stall_timeout"):
+        for name in ("placement_timeout", "stall_timeout", "grace_period"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{_flag(name)} must be a positive number of seconds")
         if not 0 <= self.max_failed_share <= 1:

@@ -84,8 +84,11 @@ def run_options(command):
         click.option("--ray-address", help="Join this Ray cluster (default: RAY_ADDRESS, else a local Ray of the run's own)."),
         click.option("--placement-timeout", type=float, help="Seconds an engine may wait to be placed (default 600)."),
         click.option("--stall-timeout", type=float, help="Seconds without a committed batch before the run fails (default 1800)."),
+        click.option("--grace-period", type=float,
+                     help="Seconds after SIGTERM for the batches in flight to commit before the run exits (default 25)."),
         click.option("--max-failed-share", type=float,
-                     help="Share of pairs rejected or fallen back above which the run exits non-zero (default 0.05)."),
+                     help="Share of the pairs to rerank (within --top-k) rejected or fallen back above which the run "
+                          "exits non-zero (default 0.05)."),
         *S3_OPTIONS,
         click.option("--overwrite/--no-overwrite", default=None, help="Replace an output made with another configuration."),
         click.option("--verbose/--quiet", default=None, help="Show Ray and vLLM logs."),

@@ -1,5 +1,5 @@
-"""Nightly-run reliability: bad input, kills of the driver and of an engine actor, the
-configuration guard, and credentials that never leak."""
+"""Nightly-run reliability: bad input, kills of the driver and of an engine actor, pre-emption,
+the configuration guard, and credentials that never leak."""
 
 from __future__ import annotations
 
@@ -157,6 +157,32 @@ def test_a_run_with_a_store_killed_then_resumed_stores_each_pair_once(tmp_path):
     # Pairs committed before the kill were stored first, so the resume neither scores nor stores them again.
     assert (stats["rows"], stats["duplicate_rows"]) == (pairs.num_rows, 0)
     assert not [writer for writer in stats["writers"] if writer["live"]]  # the killed run's record is seen as dead
+
+
+def test_sigterm_drains_the_batches_in_flight_then_a_rerun_finishes(tmp_path):
+    """Pre-emption: after SIGTERM no batch starts, the ones the engine holds are committed within
+    the grace period, the output is released and the run exits non-zero; a re-run does the rest."""
+    pairs = candidate_lists(queries=16, per_query=10, seed=43)
+    write_shards(pairs, tmp_path / "input", shards=2)
+    output = tmp_path / "output"
+    process = start_run(tmp_path / "input", output, max_concurrent_batches=2, grace_period=120)
+    deadline = time.monotonic() + 300
+    while committed(output) < 4:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # the driver alone, as `ray job stop` or a pod's eviction does
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode != 0, out.decode()[-3000:]
+    assert "stopped by SIGTERM after" in out.decode() and "every batch in flight was committed" in out.decode()
+    assert 4 <= committed(output) < pairs.num_rows
+    # each batch that started was committed whole: no trace without its scores
+    names = {directory: {p.name for p in (output / directory).glob("part-*.parquet")} for directory in ("scores", "traces")}
+    assert names["traces"] == names["scores"]
+    assert not (output / "_lease.json").exists() and not (output / "_manifest.json").exists()
+
+    finish(start_run(tmp_path / "input", output))
+    for directory in ("scores", "traces"):
+        assert pair_keys(read_dir(output / directory)) == pair_keys(pairs), directory
 
 
 @pytest.mark.parametrize("victim", ["actor", "engine"])

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -89,6 +90,9 @@ def test_run_refuses_a_job_without_a_model(tmp_path):
         (["--engine-arg", "block_size=16"], None, "--engine-arg block_size"),
         (["--fit", "squeeze"], None, "--fit"),
         (["--max-concurrent-batches", "0"], None, "--max-concurrent-batches must be at least 1"),
+        # the label pass reads answered pairs' labels from the prefix their main pass cached
+        (["--no-enable-prefix-caching"], None, "engine.enable_prefix_caching: True -> False"),
+        (["--fit", "budget"], None, "engine.fit: 'reference' -> 'budget'"),
     ],
 )
 def test_a_refused_rerun_leaves_a_finished_run_as_it_was(finished_demo, tmp_path, options, spec, message):
@@ -104,6 +108,30 @@ def test_a_refused_rerun_leaves_a_finished_run_as_it_was(finished_demo, tmp_path
     reported = CliRunner().invoke(main, ["report", str(finished_demo)])
     assert reported.exit_code == 0, reported.output
     shutil.rmtree(finished_demo / "report")
+
+
+def test_yesterdays_command_resumes_an_output_made_before_fit_and_prefix_caching_were_options(
+        ray_session, finished_demo, tmp_path):
+    """An upgrade must not refuse yesterday's outputs: one whose `_job.json` predates both options
+    resumes under the same command as it ran then (`budget`, caching on), and says so in its
+    `_job.json`; asking for the new default policy on it is a change of configuration."""
+    output = tmp_path / "yesterday"
+    shutil.copytree(finished_demo, output)
+    recorded = json.loads((output / "_job.json").read_text())
+    for option in ("fit", "enable_prefix_caching"):
+        del recorded["engine"][option]
+    (output / "_job.json").write_text(json.dumps(recorded))
+    scores = snapshot(output / "scores")
+
+    resumed = CliRunner().invoke(main, ["run", *DEMO_OPTIONS, "--output", str(output)])
+    assert resumed.exit_code == 0, resumed.output
+    engine = json.loads((output / "_job.json").read_text())["engine"]
+    assert engine["fit"] == "budget" and engine["enable_prefix_caching"] is True
+    assert json.loads((output / "_manifest.json").read_text())["job"]["engine"]["fit"] == "budget"
+    assert snapshot(output / "scores") == scores  # nothing scored again
+
+    refused = CliRunner().invoke(main, ["run", *DEMO_OPTIONS, "--output", str(output), "--fit", "reference"])
+    assert refused.exit_code != 0 and "engine.fit: 'budget' -> 'reference'" in refused.output
 
 
 def test_options_without_effect_are_named(tmp_path):
@@ -156,8 +184,27 @@ def test_a_run_where_every_pair_fails_exits_non_zero(ray_session, tmp_path):
     failed = CliRunner().invoke(main, ["run", "--input", str(tmp_path / "input"), "--output", str(tmp_path / "out"),
                                        *tiny_run_options(max_failed_share=1.0)])
     assert failed.exit_code != 0
-    assert "4 of 4 input pairs (100.0%) were rejected or fell back" in failed.output
+    assert "4 of 4 pairs to rerank (100.0%) were rejected or fell back" in failed.output
     assert (tmp_path / "out" / "_manifest.json").exists()  # everything else was written
+
+
+def test_the_failed_share_counts_only_the_pairs_to_rerank(ray_session, tmp_path):
+    """One of the two pairs within --top-k 1 is rejected: half the night's reranking failed, however
+    many candidates lie beyond the top k (here 38, which would dilute it to 2.5 %)."""
+    pairs = candidate_lists(queries=2, per_query=20, seed=6).drop_columns(["relevant"])
+    texts = pairs["text"].to_pylist()
+    first = pairs["first_stage_rank"].to_pylist().index(1)
+    texts[first] = " "
+    write_shards(pairs.set_column(pairs.column_names.index("text"), "text", pa.array(texts)), tmp_path / "input", shards=1)
+    options = ["run", "--input", str(tmp_path / "input"), "--output", str(tmp_path / "out")]
+    failed = CliRunner().invoke(main, [*options, *tiny_run_options(top_k=1)])
+    assert failed.exit_code != 0
+    assert "1 of 2 pairs to rerank (50.0%) were rejected or fell back" in failed.output
+    counts = json.loads((tmp_path / "out" / "_manifest.json").read_text())["counts"]
+    assert (counts["rejected"], counts["unscored"], counts["scored"]) == (1, 38, 1)
+    # a share the user accepts: the re-run resumes (nothing is left to score) and exits 0
+    accepted = CliRunner().invoke(main, [*options, *tiny_run_options(top_k=1, max_failed_share=0.6)])
+    assert accepted.exit_code == 0, accepted.output
 
 
 def test_overwrite_removes_only_what_a_run_wrote_and_a_stall_fails_the_run(finished_demo, tmp_path):
@@ -166,6 +213,7 @@ def test_overwrite_removes_only_what_a_run_wrote_and_a_stall_fails_the_run(finis
     output = tmp_path / "copy"
     shutil.copytree(finished_demo, output)
     (output / "notes.txt").write_text("mine")
+    (output / ".run.trec.tmp").write_text("half a run written when a run was killed")
     stalled = cli("run", *DEMO_OPTIONS, "--output", str(output), "--overwrite", "--threshold", "0.7",
                   "--stall-timeout", "5")
     assert stalled.returncode != 0
@@ -173,6 +221,7 @@ def test_overwrite_removes_only_what_a_run_wrote_and_a_stall_fails_the_run(finis
     assert "the score stage has not committed its first batch" in stalled.stderr
     assert (output / "notes.txt").read_text() == "mine"
     assert not (output / "_manifest.json").exists() and not (output / "run.trec").exists()
+    assert not (output / ".run.trec.tmp").exists()
     assert not (output / "_lease.json").exists()  # released on the way out
     assert json.loads((output / "_job.json").read_text())["scoring"]["threshold"] == 0.7
 

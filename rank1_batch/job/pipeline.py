@@ -23,14 +23,15 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import stages
-from .checkpoint import Done, check_output, open_output
+from .checkpoint import Done, check_output, open_output, with_fit_settled
 from ..cluster.connection import connect, is_own_cluster
-from ..config import JobConfig, JobError
+from ..config import JobConfig, JobError, RunConfig
+from .drain import BatchGate, Preempted, sigterm_requests_drain
 from ..model.encoding import PromptEncoder
 from ..model.engine_metrics import EngineFigures
 from .lease import Lease
 from .score_store import ScoreStore, model_fingerprint, result_identity
-from .outputs import ThisRun, counts, trec_run, write_manifest, write_ranked
+from .outputs import ThisRun, read_committed, trec_run, write_manifest, write_ranked
 from ..model.judgement import OUTCOMES
 from ..cluster.resources import (
     PREPARE_CPUS,
@@ -50,6 +51,11 @@ class Stalled(JobError):
     """No batch was committed within the stall limit."""
 
 
+# How often the driver looks up from waiting for commits (for SIGTERM and the stall limit).
+POLL_SECONDS = 1.0
+NOTHING = object()  # no commit arrived within a poll
+
+
 def inspect_inputs(job: JobConfig) -> tuple[object, list[Shard]]:
     """Every input file's footer, checked against the contract before any engine starts."""
     fs, files = list_input_files(job.run)
@@ -67,9 +73,12 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
 
     Everything that can refuse the job is checked before the output is touched, so a refused
     re-run leaves a finished run's results as they were."""
+    import ray
+
     started = time.monotonic()
     fs, shards = inspect_inputs(job)
     output = Output(job.run.output, job.run)
+    job = with_fit_settled(output, job)
     check_output(output, job)
     PromptEncoder.for_model(job.engine, job.scoring)  # the model's tokenizer and the context budget
     store = ScoreStore.open(job.run.store, job.run, create=True) if job.run.store else None
@@ -81,15 +90,17 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         reuse = stages.Reuse(store, result, lease.holder.run_id) if store else None
         done = open_output(output, job)
         duplicates = find_duplicates(fs, shards, job)
-        committed = score_and_commit(read(fs, shards, job), job, output, done, duplicates, reuse, gpus)
+        gate = ray.remote(num_cpus=0)(BatchGate).remote()
+        batches = score_and_commit(read(fs, shards, job), job, output, done, duplicates, reuse, gpus, gate)
         input_rows = sum(shard.rows for shard in shards)
         to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
-        this_run = follow(committed, to_do, show_progress, job.run.stall_timeout) if to_do > 0 else ThisRun()
+        this_run = follow(batches, to_do, show_progress, job.run, gate) if to_do > 0 else ThisRun()
 
-        ranked = write_ranked(output)
+        committed = read_committed(output, input_rows)
+        ranked = write_ranked(output, committed.candidates)
         if job.run.trec_run:
             output.write_bytes("run.trec", trec_run(ranked, job.run.run_tag).encode())
-        return write_manifest(output, job, counts(output, input_rows), this_run, time.monotonic() - started)
+        return write_manifest(output, job, committed.counts, this_run, time.monotonic() - started)
 
 
 def place_engines(job: JobConfig) -> bool:
@@ -128,8 +139,9 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
 
 
 def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
-                     reuse: stages.Reuse | None, gpus: bool):
-    """prepare (CPU tasks) -> score and commit each batch (actor pool, one engine each)."""
+                     reuse: stages.Reuse | None, gpus: bool, gate):
+    """prepare (CPU tasks) -> score and commit each batch (actor pool, one engine each), each
+    batch started only while the `gate` lets it."""
     import ray
 
     # The placement a multi-GPU engine gets needs matching engine arguments; the user's win.
@@ -152,9 +164,10 @@ def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicat
     in_flight = job.run.max_concurrent_batches
     return prompts.map_batches(
         stages.ScorePairs,
-        fn_constructor_kwargs={"job": dataclasses.replace(job, engine=engine), "output": output, "reuse": reuse},
-        compute=ray.data.ActorPoolStrategy(**actor_pool_size(job.run), max_tasks_in_flight_per_actor=2 * in_flight),
-        max_concurrency=in_flight,
+        fn_constructor_kwargs={"job": dataclasses.replace(job, engine=engine), "output": output, "reuse": reuse,
+                               "gate": gate},
+        compute=ray.data.ActorPoolStrategy(**actor_pool_size(job.run), max_concurrent_calls_per_actor=in_flight,
+                                           max_tasks_in_flight_per_actor=2 * in_flight),
         batch_size=job.run.batch_size,
         batch_format="pyarrow",
         **engine_resources(job.engine.tensor_parallel_size, job.run.cpus_per_engine, gpus),
@@ -196,10 +209,13 @@ def has_repeated_keys(fs, shards: list[Shard], job: JobConfig) -> bool:
     return table.group_by(["query_id", "doc_id"]).aggregate([]).num_rows < table.num_rows
 
 
-def follow(committed, total: int, show_progress: bool, stall_timeout: float) -> ThisRun:
+def follow(committed, total: int, show_progress: bool, run: RunConfig, gate) -> ThisRun:
     """Drive the dataset to the end, showing pairs done and outcomes as batches are committed;
-    return what this run scored and its engines did. No commit for `stall_timeout` seconds fails
-    the run."""
+    return what this run scored and its engines did. No commit for `run.stall_timeout` seconds
+    fails the run. SIGTERM drains it: no batch starts after it, and the run stops once the batches
+    in flight are committed or `run.grace_period` has passed."""
+    import ray
+
     commits: queue.Queue = queue.Queue()
 
     def drain():
@@ -213,14 +229,30 @@ def follow(committed, total: int, show_progress: bool, stall_timeout: float) -> 
     threading.Thread(target=drain, name="commits", daemon=True).start()
     outcomes = dict.fromkeys(OUTCOMES, 0)
     steps = generated = engine_starts = 0
-    started = time.monotonic()
-    with tqdm(total=total, unit="pair", desc="scoring", disable=not show_progress, dynamic_ncols=True) as bar:
+    started = last_commit = time.monotonic()
+    stop, drain_ends = threading.Event(), None
+    with (sigterm_requests_drain(stop),
+          tqdm(total=total, unit="pair", desc="scoring", disable=not show_progress, dynamic_ncols=True) as bar):
         while True:
             try:
-                batch = commits.get(timeout=stall_timeout)
+                batch = commits.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                raise Stalled(stall_message(stall_timeout, bar.n, total)) from None
+                batch = NOTHING
+            now = time.monotonic()
+            if stop.is_set() and drain_ends is None:
+                drain_ends = now + run.grace_period
+                log.warning("SIGTERM: starting no more batches; waiting up to %g s (--grace-period) for the %d "
+                            "batch(es) in flight to commit", run.grace_period, ray.get(gate.drain.remote()))
+            elif drain_ends is not None and (now > drain_ends or ray.get(gate.held.remote()) == 0):
+                raise Preempted(preempted_message(bar.n, total, ray.get(gate.held.remote()), run.grace_period))
+            if batch is NOTHING:
+                if now - last_commit > run.stall_timeout:
+                    raise Stalled(stall_message(run.stall_timeout, bar.n, total))
+                continue
+            last_commit = now
             if batch is None:
+                if drain_ends is not None:  # every batch left was turned away: the run is not finished
+                    raise Preempted(preempted_message(bar.n, total, 0, run.grace_period))
                 break
             if isinstance(batch, BaseException):
                 raise batch
@@ -233,6 +265,13 @@ def follow(committed, total: int, show_progress: bool, stall_timeout: float) -> 
                 bar.set_postfix(outcomes, refresh=False)
     return ThisRun(sum(outcomes.values()), EngineFigures.from_counts(steps, generated, time.monotonic() - started),
                    engine_starts)
+
+
+def preempted_message(done: int, total: int, dropped: int, grace_period: float) -> str:
+    dropped_text = (f"{dropped} batch(es) still in flight after --grace-period {grace_period:g} s were dropped"
+                    if dropped else "every batch in flight was committed")
+    return (f"stopped by SIGTERM after {done} of {total} pairs: {dropped_text}; committed outputs are kept, "
+            "and a re-run resumes")
 
 
 def stall_message(seconds: float, done: int, total: int) -> str:

@@ -16,6 +16,7 @@ from ..config import JobConfig, job_logging
 from .checkpoint import Done
 from .engine_deaths import Death, EngineDeaths
 from .engine_monitor import EngineMonitor
+from .outputs import commit_record
 from ..model.encoding import EncodedPrompt, PromptEncoder, PromptTooLong
 from ..model.engine_metrics import EngineTotals, read_totals
 from ..model.scorer import pair_score
@@ -156,12 +157,13 @@ class ScorePairs:
     so the engine's free slots are filled from the next batches while a batch's last chains run.
 
     Committing here, batch by batch, makes each batch a commit of its own: a killed run loses at
-    most the batches in flight. The writes run in a thread, off the engine's event loop.
+    most the batches in flight. The writes run in a thread, off the engine's event loop. With a
+    `gate` (the run's `drain.BatchGate` actor), a batch starts only while the run is not draining.
     """
 
-    def __init__(self, job: JobConfig, output: Output, reuse: Reuse | None = None):
+    def __init__(self, job: JobConfig, output: Output, reuse: Reuse | None = None, gate=None):
         job_logging()
-        self.job, self.output, self.reuse = job, output, reuse
+        self.job, self.output, self.reuse, self.gate = job, output, reuse, gate
         self.engine, self.monitor, self.engine_totals = None, None, EngineTotals(0, 0)
         self.start_counted = False  # the engine's start is counted with the first batch after it
         self.deaths = EngineDeaths(output)
@@ -187,6 +189,18 @@ class ScorePairs:
         self.monitor = EngineMonitor() if ray.is_initialized() else None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.gate is None:
+            return await self.score_and_commit(batch)
+        if not await self.gate.admit.remote():
+            # Draining: only the rows set aside upstream, already written, are done.
+            set_aside = batch.filter(pc.is_null(batch["prompt_token_ids"]))
+            return batch_counts(set_aside, SCORED_SCHEMA.empty_table(), ERRORS_SCHEMA.empty_table(), EngineTotals(0, 0), 0)
+        try:
+            return await self.score_and_commit(batch)
+        finally:
+            self.gate.done.remote()
+
+    async def score_and_commit(self, batch: pa.Table) -> pa.Table:
         started = time.monotonic()
         prompts = batch.filter(pc.is_valid(batch["prompt_token_ids"]))
         encoded = [
@@ -303,8 +317,8 @@ def batch_counts(batch: pa.Table, scored: pa.Table, errors: pa.Table, engine: En
 
 
 def write_results(scored: pa.Table, errors: pa.Table, name: str, job: JobConfig, output: Output) -> None:
-    """Commit a batch: traces and labels first, as a scores file marks its pairs done; failed
-    pairs go to errors/, which a re-run does not count as done."""
+    """Commit a batch: traces and labels first, as a scores file marks its pairs done (and carries
+    their counts in its footer); failed pairs go to errors/, which a re-run does not count as done."""
     if errors.num_rows:
         output.write_table("errors", name, errors.cast(ERRORS_SCHEMA))
     elif output.exists(f"errors/{name}"):  # an earlier attempt of this batch failed where this one did not
@@ -315,4 +329,5 @@ def write_results(scored: pa.Table, errors: pa.Table, name: str, job: JobConfig,
         output.write_table("traces", name, scored.select(TRACES_SCHEMA.names).cast(TRACES_SCHEMA))
     if job.run.labels:
         output.write_table("labels", name, relevance_labels(scored, job.engine.model, job.run.labels_answered_only))
-    output.write_table("scores", name, scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA))
+    scores = scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA)
+    output.write_table("scores", name, scores, record=commit_record(scores))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from ..schema import InputError, conform
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 # Files read at once from one directory: object stores answer each request slowly but many in parallel.
 READERS = 16
+# The footer key under which a part file carries what it commits (see `Output.write_table`).
+RECORD_KEY = "rank1_batch.commit"
 
 
 def storage_options(url: str, run: RunConfig) -> dict[str, Any]:
@@ -98,6 +101,20 @@ def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> Shard:
     return Shard(path, metadata.schema.to_arrow_schema(), metadata.num_rows)
 
 
+@dataclass(frozen=True)
+class Part:
+    """A committed part file as read: the columns asked for, its rows, and the record it carries."""
+
+    table: pa.Table | None
+    rows: int
+    record: dict | None
+
+
+def staging_name(name: str) -> str:
+    """The hidden name a file is written under on a filesystem without atomic uploads."""
+    return f".{name}.tmp"
+
+
 def content_name(*keys: pa.Array) -> str:
     """A file name that depends only on the rows it holds, so a retried batch rewrites its own file."""
     digest = hashlib.sha256()
@@ -121,12 +138,16 @@ class Output:
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
-    def write_table(self, directory: str, name: str, table: pa.Table, row_group_size: int | None = None) -> None:
-        """Write one Parquet file so that readers never see it half-written.
+    def write_table(self, directory: str, name: str, table: pa.Table, row_group_size: int | None = None,
+                    record: dict | None = None) -> None:
+        """Write one Parquet file so that readers never see it half-written, with `record` (what
+        the file commits, as JSON) in its footer when given.
 
         An object store shows an object only once its upload completes; on other filesystems the
         file is written under a hidden name and renamed.
         """
+        if record is not None:
+            table = table.replace_schema_metadata({RECORD_KEY: json.dumps(record, sort_keys=True)})
         buffer = io.BytesIO()
         pq.write_table(table, buffer, row_group_size=row_group_size)
         self.write_bytes(f"{directory}/{name}", buffer.getvalue())
@@ -136,7 +157,7 @@ class Output:
         self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         if "file" in self.fs.protocol:
             directory, name = target.rsplit("/", 1)
-            staging = f"{directory}/.{name}.tmp"
+            staging = f"{directory}/{staging_name(name)}"
             self.fs.pipe_file(staging, data)
             self.fs.mv(staging, target)
         else:
@@ -149,21 +170,30 @@ class Output:
         return sorted(p for p in self.fs.find(base) if is_part_file(p))
 
     def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
-        """All committed part files of a directory as one table (empty with `schema` if none).
-        Files are read many at a time: on object storage each costs round trips, not bandwidth."""
-        wanted = pa.schema([schema.field(name) for name in columns])
+        """All committed part files of a directory as one table (empty with `schema` if none)."""
+        return pa.concat_tables([pa.schema([schema.field(name) for name in columns]).empty_table(),
+                                 *(part.table for part in self.read_parts(directory, columns, schema))])
 
-        def read_file(path: str) -> pa.Table:
+    def read_parts(self, directory: str, columns: list[str], schema: pa.Schema,
+                   without_record: list[str] = ()) -> list[Part]:
+        """Each committed part file of a directory: the `columns` given (none reads the footer
+        alone), with `without_record` as well from a file that carries no record. Files are read
+        many at a time: on object storage each costs round trips, not bandwidth."""
+
+        def read_file(path: str) -> Part:
             with self.fs.open(path, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
+                written = (parquet.schema_arrow.metadata or {}).get(RECORD_KEY.encode())
+                wanted = [*columns, *(without_record if written is None else ())]
                 # a column added to the layout later is null in files written before it
-                present = [name for name in columns if name in parquet.schema_arrow.names]
+                present = [name for name in wanted if name in parquet.schema_arrow.names]
                 # Arrow's own threads on a Python file object can outlive the read and abort the process at exit
-                return conform(parquet.read(columns=present, use_threads=False), wanted)
+                table = parquet.read(columns=present, use_threads=False) if wanted else None
+            table = None if table is None else conform(table, pa.schema([schema.field(name) for name in wanted]))
+            return Part(table, parquet.metadata.num_rows, None if written is None else json.loads(written))
 
         with ThreadPoolExecutor(max_workers=READERS) as pool:
-            tables = list(pool.map(read_file, self.files(directory)))
-        return pa.concat_tables([wanted.empty_table(), *tables])
+            return list(pool.map(read_file, self.files(directory)))
 
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))

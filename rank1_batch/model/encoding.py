@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import prompt
-from ..config import EngineConfig, ScoringConfig
+from ..config import DEFAULT_FIT, EngineConfig, ScoringConfig
 
 # The forced pass appends "\n", the cut reasoning, "\n" and `</think>`, then reads one token:
 # room kept beyond the reasoning budget so that pass fits whenever the main pass did.
@@ -72,7 +72,7 @@ class PromptEncoder:
     def __init__(self, tokenizer: Any, engine: EngineConfig, scoring: ScoringConfig):
         self.tokenizer = tokenizer
         self.scoring = scoring
-        self.fit = engine.fit
+        self.fit = engine.fit or DEFAULT_FIT
         self.max_model_len = context_length(engine)
         self.max_reasoning_tokens = engine.max_reasoning_tokens
         if self.fit == "reference":

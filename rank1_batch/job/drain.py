@@ -1,0 +1,65 @@
+"""Pre-emption: on SIGTERM (a spot node reclaimed, a pod evicted, `ray job stop`) a run stops
+starting batches, lets its engines commit the batches they hold within a grace period, then
+releases its output and exits non-zero. A re-run resumes with whatever was not committed.
+
+The engine actors ask a small shared `BatchGate` before each batch whether to start it, and tell
+it when the batch is committed (or failed), so the driver knows when nothing is left in flight."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+from ..config import JobError
+
+
+class Preempted(JobError):
+    """The run was asked to stop (SIGTERM) and stopped after draining what it could."""
+
+
+class BatchGate:
+    """Which batches may start, and how many started ones are not yet committed. Held by one Ray
+    actor per run; its methods are what the engine actors and the driver call."""
+
+    def __init__(self):
+        self.draining = False
+        self.in_flight = 0
+
+    def admit(self) -> bool:
+        """Whether a batch may start; one that may is counted until `done`."""
+        if self.draining:
+            return False
+        self.in_flight += 1
+        return True
+
+    def done(self) -> None:
+        self.in_flight -= 1
+
+    def drain(self) -> int:
+        """Start no more batches; the number still in flight."""
+        self.draining = True
+        return self.in_flight
+
+    def held(self) -> int:
+        return self.in_flight
+
+
+@contextmanager
+def sigterm_requests_drain(requested: threading.Event):
+    """Within: a first SIGTERM sets `requested` (the caller drains); a second one exits at once.
+    Outside the main thread, where Python cannot take signals, SIGTERM keeps its handler."""
+    def request(signum, frame):
+        if requested.is_set():
+            raise SystemExit(128 + signum)
+        requested.set()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, request)
+    except ValueError:
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

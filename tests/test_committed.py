@@ -1,0 +1,64 @@
+"""What a finished run reads back: each part file once, counts from the scores files' own commit
+records (or from their columns when written before records), and the candidates to rank."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rank1_batch.config import RunConfig
+from rank1_batch.job.outputs import RANKING_COLUMNS, commit_record, read_committed
+from rank1_batch.job.storage import Output
+from rank1_batch.schema import ERRORS_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA
+
+
+def scores(query: str, outcomes: list[str], reused: bool = False) -> pa.Table:
+    rows = [
+        {"query_id": query, "doc_id": f"{query}-d{n}", "score": 0.1 * n, "label": n > 4, "outcome": outcome,
+         "logprob_true": -1.0, "logprob_false": -2.0, "reasoning_tokens": 10 * n, "prompt_tokens": 100 + n,
+         "truncated": n == 1, "first_stage_rank": n, "first_stage_score": 9.0 - n, "reused": reused}
+        for n, outcome in enumerate(outcomes, start=1)
+    ]
+    return pa.Table.from_pylist(rows, SCORES_SCHEMA)
+
+
+def test_counts_add_up_the_commit_records_of_every_attempt(tmp_path):
+    output = Output(str(tmp_path), RunConfig())
+    first, resumed = scores("q1", ["answered", "forced", "answered"]), scores("q2", ["fallback", "answered"], reused=True)
+    for name, table in (("part-a.parquet", first), ("part-b.parquet", resumed)):
+        output.write_table("scores", name, table, record=commit_record(table))
+    # a scores file from before records (and before the `reused` column) is counted from its columns
+    older = scores("q3", ["forced"]).drop_columns(["reused"])
+    pq.write_table(older, tmp_path / "scores" / "part-c.parquet")
+    output.write_table("unscored", "part-d.parquet",
+                       pa.Table.from_pylist([{"query_id": "q1", "doc_id": "q1-d9", "first_stage_rank": 9}], UNSCORED_SCHEMA))
+    output.write_table("rejects", "part-e.parquet", pa.table({"query_id": ["q4", "q4"], "reason": ["empty", "empty"]}))
+    output.write_table("errors", "part-f.parquet", pa.Table.from_pylist(
+        [{"query_id": "q5", "doc_id": "q5-d1", "error": "ValueError: out of vocabulary"}], ERRORS_SCHEMA))
+
+    committed = read_committed(output, input_rows=10)
+
+    everything = pa.concat_tables([first, resumed, older.append_column("reused", pa.nulls(1, pa.bool_()))])
+    assert committed.counts == {
+        "input": 10, "scored": 6, "rejected": 2, "unscored": 1, "errors": 1,
+        "outcomes": {"answered": 3, "forced": 2, "fallback": 1},
+        "truncated": 3, "prompt_tokens": sum(everything["prompt_tokens"].to_pylist()),
+        "reasoning_tokens": sum(everything["reasoning_tokens"].to_pylist()), "reused": 2,
+    }
+    assert committed.candidates.column_names == RANKING_COLUMNS
+    assert sorted(committed.candidates["doc_id"].to_pylist()) == sorted([*everything["doc_id"].to_pylist(), "q1-d9"])
+
+
+def test_a_file_with_a_record_is_read_for_its_ranking_columns_only(tmp_path):
+    output = Output(str(tmp_path), RunConfig())
+    table = scores("q1", ["answered", "forced"])
+    output.write_table("scores", "part-a.parquet", table, record=commit_record(table))
+    output.write_table("scores", "part-b.parquet", table)
+    parts = {part.record is not None: part for part in
+             output.read_parts("scores", RANKING_COLUMNS, SCORES_SCHEMA, without_record=["outcome"])}
+    assert parts[True].table.column_names == RANKING_COLUMNS
+    assert parts[True].record == commit_record(table)
+    assert parts[False].table.column_names == [*RANKING_COLUMNS, "outcome"]
+    assert pq.read_table(tmp_path / "scores" / "part-a.parquet").equals(table)  # the record adds no column
+    footer_only = output.read_parts("scores", [], SCORES_SCHEMA)
+    assert [part.table for part in footer_only] == [None, None] and [part.rows for part in footer_only] == [2, 2]
