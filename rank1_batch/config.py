@@ -132,6 +132,8 @@ class RunConfig:
     max_concurrent_batches: int = 4
     # A score store (fsspec URL): pairs judged before, under the same key, are reused, not scored.
     store: str | None = None
+    # Merge the part files of a finished run into files of a few hundred MB (see job/compaction.py).
+    compact: bool = False
     ray_address: str | None = None
     s3_endpoint_url: str | None = None
     s3_profile: str | None = None

@@ -73,6 +73,8 @@ def run_options(command):
         click.option("--run-tag", help="Tag in run.trec."),
         click.option("--store", help="Score store URL (any fsspec URL): reuse the judgements stored there and "
                                      "add this run's; created when missing."),
+        click.option("--compact/--no-compact", default=None,
+                     help="At the end, merge the run's part files (one per batch) into files of a few hundred MB."),
         click.option("--engines", type=int, help="Number of engines (actors)."),
         click.option("--min-engines", type=int, help="Autoscaling: fewest engines."),
         click.option("--max-engines", type=int, help="Autoscaling: most engines."),

@@ -1,5 +1,5 @@
-"""Jobs on a Ray cluster: the command line a job runs, its runtime env, and a real submission to
-a Ray head started here, next to the session's in-process Ray."""
+"""Jobs on a Ray cluster: the command line a job runs, its runtime env, a real submission to a Ray
+head started here, next to the session's in-process Ray, and a worker node lost mid-run."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from rank1_batch.cli import SAMPLE, job_config, main, run
 from rank1_batch.config import EngineConfig, JobConfig, RunConfig, ScoringConfig
 from rank1_batch.cluster.submit import WORKING_DIR_EXCLUDES, entrypoint, for_cluster, runtime_env
 
-from .conftest import ROOT, candidate_lists, tiny_run_options, write_shards
+from .conftest import ROOT, candidate_lists, pair_keys, read_dir, tiny_run_options, write_shards
 
 VENV_BIN = Path(sys.executable).parent
 TINY_OPTIONS = ["--model", "tiny", "--dtype", "bfloat16", "--max-model-len", "1024",
@@ -63,7 +63,7 @@ def every_option_changed() -> JobConfig:
             "input": ["s3://bucket/with space/", "/data/a.parquet"], "output": "s3://bucket/out/",
             "columns": {"text": "passage", "query_id": "qid"}, "top_k": 50, "run_tag": "tag;rm -rf", "store": "s3://bucket/score store/",
             "min_engines": 2, "max_engines": 5, "cpus_per_engine": 2.5, "device": "gpu",
-            "batch_size": 64, "max_concurrent_batches": 3, "placement_timeout": 30.0, "stall_timeout": 900.0, "grace_period": 50.0,
+            "batch_size": 64, "max_concurrent_batches": 3, "placement_timeout": 30.0, "stall_timeout": 900.0, "grace_period": 50.0, "compact": True,
             "max_failed_share": 0.1, "s3_endpoint_url": "http://minio:9000", "s3_profile": "batch",
         }
     )
@@ -155,14 +155,16 @@ def test_submit_refuses_before_contacting_a_cluster(extra, message):
 #
 # Every port it listens on is chosen here, and its temp dir is its own, so the two clusters share
 # nothing. It is stopped through its own `ray start --block` process and the processes under it
-# (stop_head). `ray stop` is not used: in Ray 2.60 it has no way to name a cluster and kills every
+# (stop_node). `ray stop` is not used: in Ray 2.60 it has no way to name a cluster and kills every
 # Ray process on the machine, the session's own Ray and other test runs' included.
 #
 # The commands that talk to it run as processes of their own, as a user runs them: this process
 # holds the session Ray's token (Ray loads a token once per process), and their HOME is their own,
 # so this machine's ~/.ray/auth_token neither leaks into them nor is touched.
 
-WORKER_PORTS = ("21000", "21999")  # outside Ray's default range (10002-19999) and Linux's ephemeral one
+# Ports of each node's Ray workers: outside Ray's default range (10002-19999) and Linux's ephemeral one.
+HEAD_WORKER_PORTS = ("21000", "21999")
+WORKER_NODE_WORKER_PORTS = ("22000", "22999")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,10 +198,13 @@ def wait_for_job_api(dashboard: str, agent: str, token: str, head: subprocess.Po
         time.sleep(1)
 
 
-def stop_head(head: subprocess.Popen) -> None:
+def stop_node(head: subprocess.Popen) -> None:
     """SIGKILL, by pid, to `ray start --block` and every process under it: daemons, Ray workers and
-    vLLM's engine processes (most in process groups of their own). Nothing of a throwaway head is
-    worth a graceful stop, and Ray 2.60's daemons take 15 s and more to act on SIGTERM."""
+    vLLM's engine processes (most in process groups of their own). Nothing of a throwaway node is
+    worth a graceful stop, and Ray 2.60's daemons take 15 s and more to act on SIGTERM; for a worker
+    node this is also how a machine is lost."""
+    if head.poll() is not None:
+        return
     tree = psutil.Process(head.pid).children(recursive=True)
     for process in [psutil.Process(head.pid), *tree]:
         try:
@@ -210,41 +215,46 @@ def stop_head(head: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
-@pytest.fixture(scope="module")
-def ray_head(ray_session):
-    # Short: Ray's socket paths live under it, and a Unix socket path is at most 107 bytes.
-    temp_dir = Path(tempfile.mkdtemp(prefix="r1head-"))
-    dashboard_port, gcs_port, agent_port = free_port(), free_port(), free_port()
-    ports = {
-        "--port": gcs_port, "--dashboard-port": dashboard_port,
-        "--dashboard-agent-listen-port": agent_port, "--dashboard-agent-grpc-port": free_port(),
-        "--ray-client-server-port": free_port(), "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(), "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-    }
-    # The head runs `rank1-batch` from this environment, as a cluster node runs it from its image;
-    # RAY_ADDRESS of the session's Ray must not leak into the head's jobs. Its token is its own,
-    # in RAY_AUTH_TOKEN (its jobs inherit it, as a cluster's nodes share theirs), never a file.
-    token = secrets.token_hex(16)
+def node_environment(token: str) -> dict:
+    """A node runs `rank1-batch` from this environment, as a cluster node runs it from its image;
+    RAY_ADDRESS of the session's Ray must not leak into it. The cluster's token is its own, in
+    RAY_AUTH_TOKEN (jobs inherit it, as a cluster's nodes share theirs), never a file."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
+def start_node(ports: dict, worker_ports: tuple[str, str], token: str, *options: str) -> tuple[subprocess.Popen, Path]:
+    """`ray start --block` of a node with 2 CPUs, every port its own, and a temp dir of its own
+    (short: Ray's socket paths live under it, and a Unix socket path is at most 107 bytes)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="r1node-"))
+    ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
+             "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
+             "--metrics-export-port": free_port(), **ports}
     command = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(512 * 2**20),
-        "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp_dir),
-        "--min-worker-port", WORKER_PORTS[0], "--max-worker-port", WORKER_PORTS[1],
+        str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats", *options,
+        "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(512 * 2**20), "--temp-dir", str(temp_dir),
+        "--min-worker-port", worker_ports[0], "--max-worker-port", worker_ports[1],
         *(word for name, port in ports.items() for word in (name, str(port))),
     ]
-    log = temp_dir / "ray-start.log"
-    with open(log, "wb") as out:
-        head = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    with open(temp_dir / "ray-start.log", "wb") as out:
+        return subprocess.Popen(command, env=node_environment(token), stdout=out, stderr=subprocess.STDOUT), temp_dir
+
+
+@pytest.fixture(scope="module")
+def ray_head(ray_session):
+    token = secrets.token_hex(16)
+    dashboard_port, gcs_port, agent_port = free_port(), free_port(), free_port()
+    ports = {"--port": gcs_port, "--dashboard-port": dashboard_port, "--dashboard-agent-listen-port": agent_port,
+             "--ray-client-server-port": free_port()}
+    head, temp_dir = start_node(ports, HEAD_WORKER_PORTS, token, "--head", "--include-dashboard", "true",
+                                "--dashboard-host", "127.0.0.1")
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
-        wait_for_job_api(dashboard, f"http://127.0.0.1:{agent_port}", token, head, log)
+        wait_for_job_api(dashboard, f"http://127.0.0.1:{agent_port}", token, head, temp_dir / "ray-start.log")
         yield Head(dashboard, f"127.0.0.1:{gcs_port}", token)
     finally:
-        stop_head(head)
+        stop_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -363,6 +373,76 @@ def test_run_without_a_token_says_what_to_set(ray_head, tmp_path):
     assert errors == [f"Error: the Ray cluster at {ray_head.gcs} requires an authentication token: set RAY_AUTH_TOKEN, "
                       "or RAY_AUTH_TOKEN_PATH to a file holding it, or write it to ~/.ray/auth_token"]
     assert "Traceback" not in result.stderr
+
+
+# Holds every CPU of the head node until it is killed, so that the run's first engine must go to the
+# worker node; its death frees them for the engine that replaces the lost one.
+HOLD_THE_HEAD = """
+import sys, time
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+deadline = time.monotonic() + 120
+while len([node for node in ray.nodes() if node["Alive"]]) < 2:
+    if time.monotonic() > deadline:
+        sys.exit("the worker node never joined")
+    time.sleep(0.5)
+head = next(node["NodeID"] for node in ray.nodes() if node["Alive"] and "node:__internal_head__" in node["Resources"])
+
+
+@ray.remote(num_cpus=2)
+class Holder:
+    def ready(self):
+        return True
+
+
+holder = Holder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+ray.get(holder.ready.remote())
+print("holding", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_lost_node_loses_no_pair(submitted, ray_head, tmp_path):
+    """A worker node is lost, every process of it at once, while its engine scores: Ray restarts
+    the engine actor on the head and retries its batches, and the run finishes with every pair
+    exactly once. On a token-authenticated cluster, as every test here."""
+    env = client_env(tmp_path, RAY_AUTH_TOKEN=ray_head.token)
+    worker, temp_dir = start_node({}, WORKER_NODE_WORKER_PORTS, ray_head.token, "--address", ray_head.gcs)
+    holder = run = None
+    try:
+        with open(tmp_path / "holder.log", "wb") as log:
+            holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_HEAD, ray_head.gcs], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=log)
+        assert holder.stdout.readline().strip() == "holding", (tmp_path / "holder.log").read_text()[-3000:]
+        pairs = candidate_lists(queries=4, per_query=10, seed=47)
+        write_shards(pairs, tmp_path / "input", shards=2)
+        output = tmp_path / "output"
+        run = subprocess.Popen(
+            [str(VENV_BIN / "rank1-batch"), "run", "--ray-address", ray_head.gcs, "--input", str(tmp_path / "input"),
+             "--output", str(output), "--batch-size", "4", *tiny_run_options()],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not list(output.glob("scores/part-*.parquet")):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0].decode()[-3000:]
+            time.sleep(0.1)
+        on_worker = [process for process in psutil.Process(worker.pid).children(recursive=True)
+                     if "ScorePairs" in " ".join(process.cmdline())]
+        assert on_worker, "the engine actor did not start on the worker node"
+
+        stop_node(worker)
+        holder.kill()
+        out, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, out.decode()[-3000:]
+        for directory in ("scores", "traces", "ranked"):
+            assert pair_keys(read_dir(output / directory)) == pair_keys(pairs), directory
+    finally:
+        for process in (run, holder):
+            if process is not None and process.poll() is None:
+                process.kill()
+        stop_node(worker)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_session_ray_is_untouched(submitted, ray_session):

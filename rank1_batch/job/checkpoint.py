@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..config import DEFAULT_FIT, JobConfig, JobError
+from .compaction import finish_interrupted
 from .engine_deaths import DEATHS_DIR
 from .lease import LEASE_FILE
 from .outputs import JOB_FILE, LAYOUT, MANIFEST
@@ -29,7 +30,8 @@ KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])
 _FREE_ENGINE = {"tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"}
 _FREE_RUN = {"output", "engines", "min_engines", "max_engines", "cpus_per_engine", "device", "batch_size",
              "ray_address", "s3_endpoint_url", "s3_profile", "overwrite", "verbose", "trec_run", "run_tag",
-             "placement_timeout", "stall_timeout", "grace_period", "max_failed_share", "max_concurrent_batches", "store"}
+             "placement_timeout", "stall_timeout", "grace_period", "max_failed_share", "max_concurrent_batches", "store",
+             "compact"}
 # What an output made before an option existed ran with: it resumes as that, not as today's default.
 _BEFORE_OPTION = {"engine": {"fit": "budget", "enable_prefix_caching": True}}
 
@@ -128,6 +130,7 @@ def open_output(output: Output, job: JobConfig) -> Done:
             if output.exists(name):
                 output.fs.rm(output.path(name), recursive=True)
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())
+    finish_interrupted(output)
     _remove_orphans(output)
     keys = [output.read(directory, KEY_SCHEMA.names, KEY_SCHEMA) for directory in ("scores", "unscored")]
     rejected = output.read("rejects", [ROW_HASH], pa.schema([(ROW_HASH, pa.uint64())]))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import stages
 from .checkpoint import Done, check_output, open_output, with_fit_settled
+from .compaction import compact
 from ..cluster.connection import connect, is_own_cluster
 from ..config import JobConfig, JobError, RunConfig
 from .drain import BatchGate, Preempted, sigterm_requests_drain
@@ -95,6 +96,8 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         input_rows = sum(shard.rows for shard in shards)
         to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
         this_run = follow(batches, to_do, show_progress, job.run, gate) if to_do > 0 else ThisRun()
+        if job.run.compact:
+            compact(output, PREPARE_CPUS)
 
         committed = read_committed(output, input_rows)
         ranked = write_ranked(output, committed.candidates)

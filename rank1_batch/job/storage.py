@@ -169,6 +169,14 @@ class Output:
             return []
         return sorted(p for p in self.fs.find(base) if is_part_file(p))
 
+    def sizes(self, directory: str) -> dict[str, int]:
+        """Each committed part file's name and size in bytes, from one listing."""
+        base = self.path(directory)
+        if not self.fs.exists(base):
+            return {}
+        found = self.fs.find(base, detail=True)
+        return {path.rsplit("/", 1)[-1]: info["size"] for path, info in found.items() if is_part_file(path)}
+
     def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
         """All committed part files of a directory as one table (empty with `schema` if none)."""
         return pa.concat_tables([pa.schema([schema.field(name) for name in columns]).empty_table(),

@@ -1,0 +1,121 @@
+"""Coalescing a finished run's part files (`--compact`). One file per batch is what lets a killed
+run resume, but a night of ten million pairs leaves tens of thousands of them on object storage.
+
+Files are merged in groups of about `TARGET_BYTES`, each into a file named from the names it
+replaces. A group of scores/ files is merged with its traces/ and labels/ twins: the twins' merged
+files are written first and the scores file last, as for a batch, so the scores file is the
+commit; its footer lists the files it replaces, and only then are they removed. A kill therefore
+leaves either the old files (perhaps beside merged twins without their scores file, which a
+resume removes as orphans), or a committed merged file beside some of the files it replaces,
+which `finish_interrupted` removes before anything reads the output. unscored/ and rejects/ are
+merged the same way, alone. A finished output never holds a pair twice: its manifest is written
+after the compaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .outputs import commit_record
+from .storage import RECORD_KEY, Output
+
+COMPACTED_PREFIX = "compact-"
+# Merged files of about this size: large enough that listing and opening them is cheap, small
+# enough for one task's memory.
+TARGET_BYTES = 256 * 2**20
+TWINS = ("traces", "labels")
+DIRECTORIES = ("scores", "unscored", "rejects")
+
+log = logging.getLogger(__name__)
+
+
+def compacted_name(names: list[str]) -> str:
+    return f"{COMPACTED_PREFIX}{hashlib.sha256(' '.join(sorted(names)).encode()).hexdigest()[:32]}.parquet"
+
+
+def groups(sizes: dict[str, int], target: int = TARGET_BYTES) -> list[list[str]]:
+    """Consecutive files (by name) gathered until a group reaches `target` bytes; a file that
+    would be alone in its group stays as it is."""
+    found, group, total = [], [], 0
+    for name in sorted(sizes):
+        group.append(name)
+        total += sizes[name]
+        if total >= target:
+            found.append(group)
+            group, total = [], 0
+    found.append(group)
+    return [group for group in found if len(group) > 1]
+
+
+def _read(output: Output, directory: str, names: list[str]) -> pa.Table:
+    tables = []
+    for name in names:
+        with output.fs.open(output.path(directory, name), "rb") as handle:
+            tables.append(pq.read_table(handle, use_threads=False).replace_schema_metadata(None))
+    # files written before a column was added to the layout lack it: nulls there
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def merge(output: Output, directory: str, names: list[str], twins: dict[str, list[str]]) -> None:
+    """Merge one group: its twins' files first (`twins`: the names each twin directory holds), the
+    commit next, then remove what it replaces."""
+    merged = compacted_name(names)
+    for twin, present in twins.items():
+        if present:
+            output.write_table(twin, merged, _read(output, twin, present))
+    table = _read(output, directory, names)
+    record = commit_record(table) if directory == "scores" else {}
+    output.write_table(directory, merged, table, record={**record, "replaces": names})
+    _remove(output, [*twins, directory], names)
+
+
+def _remove(output: Output, directories: list[str], names: list[str]) -> None:
+    """The replaced files, in the order of `directories`: twins before the scores file that marks
+    them as committed."""
+    for directory in directories:
+        for name in names:
+            try:
+                output.fs.rm(output.path(directory, name))
+            except FileNotFoundError:
+                pass
+
+
+def finish_interrupted(output: Output) -> None:
+    """Remove the files that a committed merged file replaces, where a kill left them behind."""
+    for directory in DIRECTORIES:
+        for path in output.files(directory):
+            if path.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX):
+                with output.fs.open(path, "rb") as handle:
+                    metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
+                replaced = json.loads(metadata[RECORD_KEY.encode()])["replaces"]
+                _remove(output, [*(TWINS if directory == "scores" else ()), directory], replaced)
+
+
+def compact(output: Output, merge_cpus: float) -> dict[str, tuple[int, int]]:
+    """Merge every directory's small files, each group in a Ray task of its own; returns the
+    number of files before and after, per directory."""
+    import ray
+
+    finish_interrupted(output)
+    sizes = {directory: output.sizes(directory) for directory in (*DIRECTORIES, *TWINS)}
+    # a scores file weighs with its twins, which it is merged with (traces are most of the bytes)
+    weights = {name: size + sum(sizes[twin].get(name, 0) for twin in TWINS) for name, size in sizes["scores"].items()}
+    planned = {directory: groups(weights if directory == "scores" else sizes[directory]) for directory in DIRECTORIES}
+
+    def twins_of(directory: str, group: list[str]) -> dict[str, list[str]]:
+        if directory != "scores":
+            return {}
+        return {twin: [name for name in group if name in sizes[twin]] for twin in TWINS}
+
+    task = ray.remote(num_cpus=merge_cpus)(merge)
+    ray.get([task.remote(output, directory, group, twins_of(directory, group))
+             for directory, found in planned.items() for group in found])
+    counts = {directory: (len(sizes[directory]), len(sizes[directory]) - sum(len(group) - 1 for group in found))
+              for directory, found in planned.items()}
+    log.info("compacted: %s", ", ".join(f"{d} {before} -> {after} files" for d, (before, after) in counts.items()))
+    return counts
