@@ -82,7 +82,7 @@ def run_options(command):
         click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), help="Where engines run."),
         click.option("--batch-size", type=int, help="Pairs per batch, committed as one unit."),
         click.option("--max-concurrent-batches", type=int,
-                     help="Batches each engine holds at once, so its slots never wait on a batch's last pairs (default 4)."),
+                     help="Batches each engine holds at once, so its slots never wait on a batch's last pairs (default 8)."),
         click.option("--ray-address", help="Join this Ray cluster (default: RAY_ADDRESS, else a local Ray of the run's own)."),
         click.option("--placement-timeout", type=float, help="Seconds an engine may wait to be placed (default 600)."),
         click.option("--stall-timeout", type=float, help="Seconds without a committed batch before the run fails (default 1800)."),

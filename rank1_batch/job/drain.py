@@ -45,6 +45,17 @@ class BatchGate:
         return self.in_flight
 
 
+def start_gate():
+    """The run's gate as a Ray actor on the driver's node, which a lost worker node does not take
+    along; restarted (with a fresh count) and its calls retried if it is lost all the same."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    gate = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(BatchGate)
+    return gate.options(scheduling_strategy=here).remote()
+
+
 @contextmanager
 def sigterm_requests_drain(requested: threading.Event):
     """Within: a first SIGTERM sets `requested` (the caller drains); a second one exits at once.

@@ -27,7 +27,7 @@ from .checkpoint import Done, check_output, open_output, with_fit_settled
 from .compaction import compact
 from ..cluster.connection import connect, is_own_cluster
 from ..config import JobConfig, JobError, RunConfig
-from .drain import BatchGate, Preempted, sigterm_requests_drain
+from .drain import Preempted, sigterm_requests_drain, start_gate
 from ..model.encoding import PromptEncoder
 from ..model.engine_metrics import EngineFigures
 from .lease import Lease
@@ -74,8 +74,6 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
 
     Everything that can refuse the job is checked before the output is touched, so a refused
     re-run leaves a finished run's results as they were."""
-    import ray
-
     started = time.monotonic()
     fs, shards = inspect_inputs(job)
     output = Output(job.run.output, job.run)
@@ -91,7 +89,7 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         reuse = stages.Reuse(store, result, lease.holder.run_id) if store else None
         done = open_output(output, job)
         duplicates = find_duplicates(fs, shards, job)
-        gate = ray.remote(num_cpus=0)(BatchGate).remote()
+        gate = start_gate()
         batches = score_and_commit(read(fs, shards, job), job, output, done, duplicates, reuse, gpus, gate)
         input_rows = sum(shard.rows for shard in shards)
         to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
