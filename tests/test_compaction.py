@@ -106,9 +106,10 @@ def test_a_run_with_compact_ends_with_one_file_per_directory_and_resumes(ray_ses
     finished = CliRunner().invoke(main, options)
     assert finished.exit_code == 0, finished.output
     out = tmp_path / "out"
-    for directory in ("scores", "traces", "unscored"):
+    for directory in ("scores", "traces"):  # three batches of four, merged
         names = [path.name for path in (out / directory).glob("*.parquet")]
         assert len(names) == 1 and names[0].startswith(COMPACTED_PREFIX), (directory, names)
+    assert len(list((out / "unscored").glob("*.parquet"))) == 1  # merged, or written as one file
     assert pair_keys(read_dir(out / "scores")) == pair_keys(pairs.filter(pa.compute.less_equal(pairs["first_stage_rank"], 4)))
     assert pair_keys(read_dir(out / "ranked")) == pair_keys(pairs)
     counts = json.loads((out / "_manifest.json").read_text())["counts"]
