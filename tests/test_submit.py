@@ -413,8 +413,9 @@ def test_a_lost_node_loses_no_pair(submitted, ray_head, tmp_path):
     holder = run = None
     try:
         with open(tmp_path / "holder.log", "wb") as log:
-            holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_HEAD, ray_head.gcs], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=log)
+            # a plain Ray driver, which sends the token only with RAY_AUTH_MODE=token
+            holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_HEAD, ray_head.gcs], text=True,
+                                      env=node_environment(ray_head.token), stdout=subprocess.PIPE, stderr=log)
         assert holder.stdout.readline().strip() == "holding", (tmp_path / "holder.log").read_text()[-3000:]
         pairs = candidate_lists(queries=4, per_query=10, seed=47)
         write_shards(pairs, tmp_path / "input", shards=2)
