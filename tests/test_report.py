@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from rank1_batch.config import JobConfig, RunConfig
-from rank1_batch.job.outputs import ThisRun, counts, write_manifest
+from rank1_batch.job.outputs import ThisRun, read_committed, write_manifest
 from rank1_batch.ir.report import duration, integer_bins, movement, report_command
 from rank1_batch.schema import INPUT_SCHEMA, RANKED_SCHEMA, REASON, SCORES_SCHEMA, TRACES_SCHEMA, conform
 from rank1_batch.job.stages import UNSCORED_SCHEMA
@@ -60,7 +60,7 @@ def finished_run(tmp_path):
     }).cast(RANKED_SCHEMA))
     job = JobConfig.from_options({"input": ["in/"], "output": url, "model": "jhu-clsp/rank1-7b", "top_k": 4,
                                   "max_reasoning_tokens": BUDGET, "threshold": 0.5})
-    write_manifest(output, job, counts(output, input_rows=10), ThisRun(scored=8), wall_seconds=125.0)
+    write_manifest(output, job, read_committed(output, input_rows=10).counts, ThisRun(scored=8), wall_seconds=125.0)
     qrels = tmp_path / "qrels.txt"
     qrels.write_text(QRELS)
     return url, str(qrels)
@@ -117,7 +117,7 @@ def test_report_without_qrels_or_scored_pairs(tmp_path):
     url = str(tmp_path / "out")
     output = Output(url, RunConfig())
     output.write_table("ranked", "part-00000.parquet", RANKED_SCHEMA.empty_table())
-    write_manifest(output, JobConfig(), counts(output, input_rows=0), ThisRun(), wall_seconds=1.0)
+    write_manifest(output, JobConfig(), read_committed(output, input_rows=0).counts, ThisRun(), wall_seconds=1.0)
     result = CliRunner().invoke(report_command, [url])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "out" / "report" / "report.md").read_text()
