@@ -15,14 +15,13 @@ after the compaction.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .outputs import commit_record
-from .storage import RECORD_KEY, Output
+from .storage import Output, record_of
 
 COMPACTED_PREFIX = "compact-"
 # Merged files of about this size: large enough that listing and opening them is cheap, small
@@ -91,17 +90,16 @@ def finish_interrupted(output: Output) -> None:
         for path in output.files(directory):
             if path.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX):
                 with output.fs.open(path, "rb") as handle:
-                    metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
-                replaced = json.loads(metadata[RECORD_KEY.encode()])["replaces"]
+                    replaced = record_of(pq.ParquetFile(handle))["replaces"]
                 _remove(output, [*(TWINS if directory == "scores" else ()), directory], replaced)
 
 
 def compact(output: Output, merge_cpus: float) -> dict[str, tuple[int, int]]:
     """Merge every directory's small files, each group in a Ray task of its own; returns the
-    number of files before and after, per directory."""
+    number of files before and after, per directory. An earlier compaction that a kill
+    interrupted was finished when the run opened the output (`checkpoint.open_output`)."""
     import ray
 
-    finish_interrupted(output)
     sizes = {directory: output.sizes(directory) for directory in (*DIRECTORIES, *TWINS)}
     # a scores file weighs with its twins, which it is merged with (traces are most of the bytes)
     weights = {name: size + sum(sizes[twin].get(name, 0) for twin in TWINS) for name, size in sizes["scores"].items()}

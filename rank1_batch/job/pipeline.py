@@ -244,8 +244,10 @@ def follow(committed, total: int, show_progress: bool, run: RunConfig, gate) -> 
                 drain_ends = now + run.grace_period
                 log.warning("SIGTERM: starting no more batches; waiting up to %g s (--grace-period) for the %d "
                             "batch(es) in flight to commit", run.grace_period, ray.get(gate.drain.remote()))
-            elif drain_ends is not None and (now > drain_ends or ray.get(gate.held.remote()) == 0):
-                raise Preempted(preempted_message(bar.n, total, ray.get(gate.held.remote()), run.grace_period))
+            elif drain_ends is not None:
+                held = ray.get(gate.held.remote())
+                if held == 0 or now > drain_ends:
+                    raise Preempted(preempted_message(bar.n, total, held, run.grace_period))
             if batch is NOTHING:
                 if now - last_commit > run.stall_timeout:
                     raise Stalled(stall_message(run.stall_timeout, bar.n, total))

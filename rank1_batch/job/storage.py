@@ -110,6 +110,12 @@ class Part:
     record: dict | None
 
 
+def record_of(parquet: pq.ParquetFile) -> dict | None:
+    """The record a part file carries in its footer (see `Output.write_table`), if any."""
+    written = (parquet.schema_arrow.metadata or {}).get(RECORD_KEY.encode())
+    return None if written is None else json.loads(written)
+
+
 def staging_name(name: str) -> str:
     """The hidden name a file is written under on a filesystem without atomic uploads."""
     return f".{name}.tmp"
@@ -191,14 +197,14 @@ class Output:
         def read_file(path: str) -> Part:
             with self.fs.open(path, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
-                written = (parquet.schema_arrow.metadata or {}).get(RECORD_KEY.encode())
+                written = record_of(parquet)
                 wanted = [*columns, *(without_record if written is None else ())]
                 # a column added to the layout later is null in files written before it
                 present = [name for name in wanted if name in parquet.schema_arrow.names]
                 # Arrow's own threads on a Python file object can outlive the read and abort the process at exit
                 table = parquet.read(columns=present, use_threads=False) if wanted else None
             table = None if table is None else conform(table, pa.schema([schema.field(name) for name in wanted]))
-            return Part(table, parquet.metadata.num_rows, None if written is None else json.loads(written))
+            return Part(table, parquet.metadata.num_rows, written)
 
         with ThreadPoolExecutor(max_workers=READERS) as pool:
             return list(pool.map(read_file, self.files(directory)))
