@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from rank1_batch.cli import main
-from rank1_batch.job.checkpoint import open_output
+from rank1_batch.job.checkpoint import done_in, open_output
 from rank1_batch.job.compaction import COMPACTED_PREFIX, compacted_name, groups, merge
+from rank1_batch.job.key_index import KEY_SCHEMA, InputKeys
 from rank1_batch.job.outputs import commit_record
 from rank1_batch.job.storage import Output
 from rank1_batch.schema import SCORES_SCHEMA, TRACES_SCHEMA
@@ -51,15 +52,18 @@ def part_names(output: Output, directory: str) -> list[str]:
 
 def every_pair_once(output: Output, job) -> None:
     """What a resume of the output finds: each pair once among the done keys, in scores/ and in traces/."""
-    done = open_output(output, job)
+    open_output(output, job)
+    queries = pa.table({"query_id": ["q1", "q2"], "partition": pa.array([0, 0], pa.int32())})
+    done = done_in(output, InputKeys(KEY_SCHEMA.empty_table(), queries, {"input": 0}), num_cpus=0.5)
+    keys = done.keys.for_shards(pa.array(["input"]))
     expected = sorted(pair for batch in BATCHES for pair in batch)
-    assert sorted(zip(done.keys["query_id"].to_pylist(), done.keys["doc_id"].to_pylist())) == expected
+    assert sorted(zip(keys["query_id"].to_pylist(), keys["doc_id"].to_pylist())) == expected
     for directory in ("scores", "traces"):
         table = pa.concat_tables([pq.read_table(path) for path in output.files(directory)], promote_options="default")
         assert sorted(zip(table["query_id"].to_pylist(), table["doc_id"].to_pylist())) == expected, directory
 
 
-def test_a_merge_replaces_a_group_and_its_twins_by_one_file_each(tmp_path):
+def test_a_merge_replaces_a_group_and_its_twins_by_one_file_each(ray_session, tmp_path):
     output, job = committed_batches(tmp_path)
     merge(output, "scores", NAMES, {"traces": NAMES})
     merged = compacted_name(NAMES)
@@ -69,7 +73,7 @@ def test_a_merge_replaces_a_group_and_its_twins_by_one_file_each(tmp_path):
     every_pair_once(output, job)
 
 
-def test_a_kill_after_the_merged_twins_and_before_the_commit_leaves_the_batches(tmp_path):
+def test_a_kill_after_the_merged_twins_and_before_the_commit_leaves_the_batches(ray_session, tmp_path):
     output, job = committed_batches(tmp_path)
     out, saved = tmp_path / "out", tmp_path / "saved"
     shutil.copytree(out, saved)
@@ -85,7 +89,7 @@ def test_a_kill_after_the_merged_twins_and_before_the_commit_leaves_the_batches(
     assert merged not in part_names(output, "traces")
 
 
-def test_a_kill_while_the_replaced_files_are_removed_is_finished_by_the_resume(tmp_path):
+def test_a_kill_while_the_replaced_files_are_removed_is_finished_by_the_resume(ray_session, tmp_path):
     output, job = committed_batches(tmp_path)
     saved = tmp_path / "saved"
     shutil.copytree(tmp_path / "out", saved)

@@ -160,6 +160,14 @@ def test_s3_to_s3(ray_session, s3_endpoint, tmp_path, capfd):
     assert manifest["counts"]["scored"] == pairs.num_rows
     assert json.loads(s3.get_object(Bucket="pairs", Key="out/_manifest.json")["Body"].read()) == manifest
 
+    # A resume on S3 finds its shards' done keys: only a lost batch is scored again.
+    lost = next(k for k in keys if k.startswith("out/scores/"))
+    lost_pairs = pq.read_table(pa.BufferReader(s3.get_object(Bucket="pairs", Key=lost)["Body"].read())).num_rows
+    s3.delete_object(Bucket="pairs", Key=lost)
+    resumed = run(job, show_progress=False)
+    assert (resumed["scored_this_run"], resumed["counts"]["scored"]) == (lost_pairs, pairs.num_rows)
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket="pairs", Prefix="out/")["Contents"]]
+
     # The credentials appear nowhere: not in any object written, the output, or the logs.
     secret = S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"].encode()
     key_id = S3_TEST_ENV["AWS_ACCESS_KEY_ID"].encode()

@@ -18,12 +18,12 @@ import pyarrow as pa
 from ..config import DEFAULT_FIT, JobConfig, JobError
 from .compaction import finish_interrupted
 from .engine_deaths import DEATHS_DIR
+from .key_index import DoneKeys, InputKeys, index_done
 from .lease import LEASE_FILE
 from .outputs import JOB_FILE, LAYOUT, MANIFEST
 from ..schema import ROW_HASH
 from .storage import Output, staging_name
 
-KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])
 # Options that do not change what a run writes; anything else must match to resume. Prefix
 # caching is not free: the label pass reads each answered pair's label from the prefix the main
 # pass left in the cache, and a recomputed prefix may round differently.
@@ -75,8 +75,12 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 class Done:
     """What an output already holds."""
 
-    keys: pa.Table  # (query_id, doc_id) of pairs scored, or set aside beyond the top k
+    keys: DoneKeys  # (query_id, doc_id) of pairs scored, or set aside beyond the top k
     rejected_rows: pa.Array  # row_hash of input rows already in rejects/
+
+    @property
+    def pairs(self) -> int:
+        return self.keys.rows + len(self.rejected_rows)
 
 
 def with_fit_settled(output: Output, job: JobConfig) -> JobConfig:
@@ -113,10 +117,10 @@ def check_output(output: Output, job: JobConfig) -> None:
             )
 
 
-def open_output(output: Output, job: JobConfig) -> Done:
-    """Claim a checked output for this job (the caller holds its lease) and return what it
-    already holds. With `overwrite`, the previous run's outputs (the layout's paths, nothing
-    else) are removed first."""
+def open_output(output: Output, job: JobConfig) -> None:
+    """Claim a checked output for this job (the caller holds its lease), and leave in it only
+    what a resume keeps. With `overwrite`, the previous run's outputs (the layout's paths,
+    nothing else) are removed first."""
     check_output(output, job)
     if job.run.overwrite:
         # with the hidden copy a killed write of a top-level file leaves (see `Output.write_bytes`)
@@ -132,9 +136,13 @@ def open_output(output: Output, job: JobConfig) -> Done:
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())
     finish_interrupted(output)
     _remove_orphans(output)
-    keys = [output.read(directory, KEY_SCHEMA.names, KEY_SCHEMA) for directory in ("scores", "unscored")]
+
+
+def done_in(output: Output, inputs: InputKeys, num_cpus: float) -> Done:
+    """What an opened output already holds. Rejected rows are few (the failed share bounds
+    them), so the driver keeps them; the done keys stay in Ray's object store."""
     rejected = output.read("rejects", [ROW_HASH], pa.schema([(ROW_HASH, pa.uint64())]))
-    return Done(pa.concat_tables(keys), rejected[ROW_HASH].combine_chunks())
+    return Done(index_done(output, inputs, num_cpus), rejected[ROW_HASH].combine_chunks())
 
 
 def _remove_orphans(output: Output) -> None:

@@ -18,18 +18,17 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import stages
-from .checkpoint import Done, check_output, open_output, with_fit_settled
+from .checkpoint import Done, check_output, done_in, open_output, with_fit_settled
 from .compaction import compact
 from ..cluster.connection import connect, is_own_cluster
 from ..config import JobConfig, JobError, RunConfig
 from .drain import Preempted, sigterm_requests_drain, start_gate
 from ..model.encoding import PromptEncoder
 from ..model.engine_metrics import EngineFigures
+from .key_index import KEY_SCHEMA, index_inputs
 from .lease import Lease
 from .score_store import ScoreStore, model_fingerprint, result_identity
 from .outputs import ThisRun, read_committed, trec_run, write_manifest, write_ranked
@@ -87,12 +86,14 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
 
     with Lease(output) as lease, store.writing(lease.holder.run_id) if store else contextlib.nullcontext():
         reuse = stages.Reuse(store, result, lease.holder.run_id) if store else None
-        done = open_output(output, job)
-        duplicates = find_duplicates(fs, shards, job)
+        open_output(output, job)
+        inputs = index_inputs(fs, shards, job.run.columns, PREPARE_CPUS)
+        done = done_in(output, inputs, PREPARE_CPUS)
+        duplicates = find_duplicates(fs, shards, job, inputs.repeated)
         gate = start_gate()
         batches = score_and_commit(read(fs, shards, job), job, output, done, duplicates, reuse, gpus, gate)
         input_rows = sum(shard.rows for shard in shards)
-        to_do = input_rows - done.keys.num_rows - len(done.rejected_rows)
+        to_do = input_rows - done.pairs
         this_run = follow(batches, to_do, show_progress, job.run, gate) if to_do > 0 else ThisRun()
         if job.run.compact:
             compact(output, PREPARE_CPUS)
@@ -114,8 +115,9 @@ def place_engines(job: JobConfig) -> bool:
 
 
 def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
-    """A streaming read of the input shards, each row with its hash, of the columns the contract
-    needs (or only the two key columns). Shards are read in groups of equal columns and types, so
+    """A streaming read of the input shards, each row with its hash and its shard's path, of the
+    columns the contract needs (or only the two key columns). Shards are read in groups of equal
+    columns and types, so
     an optional column that only some shards have is kept where it exists, and shards may disagree
     on a column's type (integer or string ids): each block is cast to the contract later."""
     import ray
@@ -128,12 +130,9 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
         groups.setdefault(signature, []).append(shard.path)
     datasets = [
         ray.data.read_parquet(
-            paths,
-            filesystem=PyFileSystem(FSSpecHandler(fs)),
-            columns=[name for name, _ in signature],
-            file_extensions=None,
-            include_row_hash=True,
-        )
+            paths, filesystem=PyFileSystem(FSSpecHandler(fs)), file_extensions=None, include_row_hash=True,
+            include_paths=True,
+        ).select_columns([*(name for name, _ in signature), ROW_HASH, "path"])
         for signature, paths in groups.items()
     ]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -179,35 +178,28 @@ def key_columns(job: JobConfig) -> list[str]:
     return [job.run.columns.get(name, name) for name in ("query_id", "doc_id")]
 
 
-def find_duplicates(fs, shards: list[Shard], job: JobConfig) -> pa.Table | None:
+def find_duplicates(fs, shards: list[Shard], job: JobConfig, repeated: pa.Table) -> pa.Table | None:
     """Each (query_id, doc_id) that occurs more than once, with the row to keep: the one with the
     lowest row hash, which is the same on every read, so a re-run keeps the same row.
 
-    Only the two key columns are read, and gathered on the driver (about 40 bytes a pair). A key
-    rarely repeats, so they are read here first; only when one does is the input read again
-    through Ray Data, for the row hashes that tell the repeated rows apart.
+    `repeated` (found by `key_index.index_inputs`) are rare, so only when there are some is the
+    input read again through Ray Data, for the row hashes that tell the repeated rows apart.
     """
-    if not has_repeated_keys(fs, shards, job):
+    if not repeated.num_rows:
         return None
-    batches = read(fs, shards, job, keys_only=True).iter_batches(batch_format="pyarrow", batch_size=None)
-    table = pa.concat_tables(
-        [to_contract(batch, job.run.columns).select(["query_id", "doc_id", ROW_HASH]) for batch in batches]
-    )
-    counted = table.group_by(["query_id", "doc_id"]).aggregate([(ROW_HASH, "count"), (ROW_HASH, "min")])
-    repeated = counted.filter(pc.greater(counted[f"{ROW_HASH}_count"], 1))
-    return repeated.select(["query_id", "doc_id", f"{ROW_HASH}_min"]).rename_columns(["query_id", "doc_id", "keep_row_hash"])
+    occurrences = read(fs, shards, job, keys_only=True).map_batches(
+        occurrences_of, fn_kwargs={"columns": job.run.columns, "repeated": repeated}, batch_format="pyarrow",
+        batch_size=None, num_cpus=PREPARE_CPUS)
+    table = pa.concat_tables([KEY_SCHEMA.empty_table().append_column(ROW_HASH, pa.array([], pa.uint64())),
+                              *occurrences.iter_batches(batch_format="pyarrow", batch_size=None)])
+    counted = table.group_by(["query_id", "doc_id"]).aggregate([(ROW_HASH, "min")])
+    return counted.select(["query_id", "doc_id", f"{ROW_HASH}_min"]).rename_columns(["query_id", "doc_id", "keep_row_hash"])
 
 
-def has_repeated_keys(fs, shards: list[Shard], job: JobConfig) -> bool:
-    """Whether any (query_id, doc_id) occurs twice, from the key columns read on the driver."""
-    def keys(shard: Shard) -> pa.Table:
-        with fs.open(shard.path, "rb") as handle:
-            table = pq.read_table(handle, columns=key_columns(job))
-        return to_contract(table, job.run.columns).select(["query_id", "doc_id"])
-
-    with ThreadPoolExecutor(max_workers=READERS) as pool:
-        table = pa.concat_tables(pool.map(keys, shards))
-    return table.group_by(["query_id", "doc_id"]).aggregate([]).num_rows < table.num_rows
+def occurrences_of(batch: pa.Table, columns: dict[str, str], repeated: pa.Table) -> pa.Table:
+    """The rows of a batch whose key is one of the `repeated`, with their row hashes."""
+    keys = to_contract(batch, columns).select(["query_id", "doc_id", ROW_HASH])
+    return keys.join(repeated, keys=["query_id", "doc_id"], join_type="left semi")
 
 
 def follow(committed, total: int, show_progress: bool, run: RunConfig, gate) -> ThisRun:

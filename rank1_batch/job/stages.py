@@ -89,7 +89,8 @@ def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, d
     pairs = to_contract(batch, job.run.columns)
     pairs = pairs.filter(pc.invert(pc.is_in(pairs[ROW_HASH], done.rejected_rows)))
     pairs, rejects = split_rejects(pairs, duplicates)
-    pairs = pairs.join(done.keys, keys=["query_id", "doc_id"], join_type="left anti")
+    # only the done keys of this batch's input shards, not the whole output's
+    pairs = pairs.join(done.keys.for_shards(batch["path"]), keys=["query_id", "doc_id"], join_type="left anti")
     reranked = top_k_mask(pairs["first_stage_rank"], job.run.top_k)
     tail, pairs = pairs.filter(pc.invert(reranked)), pairs.filter(reranked)
 
