@@ -29,8 +29,11 @@ from .storage import READERS, Output, Shard
 KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])
 # Input rows per partition of done keys: what a prepare task fetches for a shard.
 PARTITION_ROWS = 250_000
-# Reading tasks at most; each reads its files many at a time, as object stores answer slowly.
+# Reading tasks: at most this many, each with at least this much to read (a task costs a worker
+# and a filesystem client); each reads its files many at a time, as object stores answer slowly.
 READING_TASKS = 64
+ROWS_PER_READING_TASK = 1_000_000  # input rows
+FILES_PER_READING_TASK = 256  # committed part files, of a batch each
 # Partitions a prepare worker keeps between its tasks (its next block is likely of the same shard).
 KEPT_PARTITIONS = 4
 
@@ -72,8 +75,10 @@ def repeated(keys: pa.Table) -> pa.Table:
     return counted.filter(pc.greater(counted["query_id_count"], 1)).select(KEY_SCHEMA.names)
 
 
-def _in_groups(items: list, tasks: int) -> list[list]:
-    size = -(-len(items) // max(1, min(tasks, len(items))))
+def _in_groups(items: list, work: int, work_per_task: int) -> list[list]:
+    """`items` in consecutive groups, one per reading task."""
+    tasks = max(1, min(READING_TASKS, len(items), -(-work // work_per_task)))
+    size = -(-len(items) // tasks)
     return [items[start:start + size] for start in range(0, len(items), size)]
 
 
@@ -142,7 +147,8 @@ def index_inputs(fs, shards: list[Shard], columns: dict[str, str], num_cpus: flo
     buckets = max(1, len(set(partition_of_shard.values())))
     reading = ray.remote(_input_keys).options(num_cpus=num_cpus, num_returns=buckets + 1)
     outputs = [reading.remote(fs, paths, [partition_of_shard[path] for path in paths], columns, buckets)
-               for paths in _in_groups([shard.path for shard in shards], READING_TASKS)]
+               for paths in _in_groups([shard.path for shard in shards], sum(shard.rows for shard in shards),
+                                       ROWS_PER_READING_TASK)]
     finding = ray.remote(_repeated_in).options(num_cpus=num_cpus)
     repeats = [finding.remote(*(refs[bucket] for refs in outputs)) for bucket in range(buckets)]
     queries = pa.concat_tables(ray.get([refs[buckets] for refs in outputs]))
@@ -190,7 +196,8 @@ def index_done(output: Output, inputs: InputKeys, num_cpus: float) -> DoneKeys:
     partitions = max(1, inputs.partitions)
     queries = ray.put(inputs.queries)
     reading = ray.remote(_done_keys).options(num_cpus=num_cpus, num_returns=partitions + 1)
-    outputs = [reading.remote(output, group, queries, partitions) for group in _in_groups(paths, READING_TASKS)]
+    outputs = [reading.remote(output, group, queries, partitions)
+               for group in _in_groups(paths, len(paths), FILES_PER_READING_TASK)]
     joining = ray.remote(_concatenated).options(num_cpus=num_cpus)
     refs = tuple(joining.remote(*(parts[number] for parts in outputs)) for number in range(partitions))
     return DoneKeys(refs, sum(ray.get([parts[partitions] for parts in outputs])), inputs.partition_of_shard)
