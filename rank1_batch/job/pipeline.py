@@ -31,7 +31,7 @@ from ..model.engine_metrics import EngineFigures
 from .key_index import KEY_SCHEMA, index_inputs
 from .lease import Lease
 from .score_store import ScoreStore, model_fingerprint, result_identity
-from .outputs import ThisRun, read_committed, trec_run, write_manifest, write_ranked
+from .outputs import ThisRun, write_manifest, write_ranked_outputs
 from ..model.judgement import OUTCOMES
 from ..cluster.resources import (
     PREPARE_CPUS,
@@ -42,7 +42,7 @@ from ..cluster.resources import (
     uses_gpus,
 )
 from ..schema import ROW_HASH, InputError, missing_columns, source_columns, to_contract
-from .storage import READERS, Output, Shard, list_input_files, read_footer, url_of
+from .storage import READERS, Output, Shard, arrow_filesystem, list_input_files, read_footer, url_of
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,8 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         if job.run.compact:
             compact(output, PREPARE_CPUS)
 
-        committed = read_committed(output, input_rows)
-        ranked = write_ranked(output, committed.candidates)
-        if job.run.trec_run:
-            output.write_bytes("run.trec", trec_run(ranked, job.run.run_tag).encode())
-        return write_manifest(output, job, committed.counts, this_run, time.monotonic() - started)
+        counts = write_ranked_outputs(output, job, input_rows)
+        return write_manifest(output, job, counts, this_run, time.monotonic() - started)
 
 
 def place_engines(job: JobConfig) -> bool:
@@ -121,7 +118,6 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
     an optional column that only some shards have is kept where it exists, and shards may disagree
     on a column's type (integer or string ids): each block is cast to the contract later."""
     import ray
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     groups: dict[tuple[str, ...], list[str]] = {}
     for shard in shards:
@@ -130,7 +126,7 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
         groups.setdefault(signature, []).append(shard.path)
     datasets = [
         ray.data.read_parquet(
-            paths, filesystem=PyFileSystem(FSSpecHandler(fs)), file_extensions=None, include_row_hash=True,
+            paths, filesystem=arrow_filesystem(fs), file_extensions=None, include_row_hash=True,
             include_paths=True,
         ).select_columns([*(name for name, _ in signature), ROW_HASH, "path"])
         for signature, paths in groups.items()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +75,13 @@ def list_input_files(run: RunConfig) -> tuple[fsspec.AbstractFileSystem, list[st
             raise FileNotFoundError(f"--input {url}: no Parquet files found")
         found.extend(sorted(matches))
     return fs, list(dict.fromkeys(found))
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem):
+    """An fsspec filesystem as pyarrow (and so Ray Data) takes it."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
 
 
 def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -159,29 +168,52 @@ class Output:
         self.write_bytes(f"{directory}/{name}", buffer.getvalue())
 
     def write_bytes(self, relative: str, data: bytes) -> None:
-        target = self.path(relative)
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        if "file" in self.fs.protocol:
-            directory, name = target.rsplit("/", 1)
-            staging = f"{directory}/{staging_name(name)}"
-            self.fs.pipe_file(staging, data)
-            self.fs.mv(staging, target)
+        if self.is_local:
+            with self.writing(relative) as handle:
+                handle.write(data)
         else:
+            target = self.path(relative)
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             self.fs.pipe_file(target, data)
 
+    @property
+    def is_local(self) -> bool:
+        return "file" in self.fs.protocol
+
+    @contextlib.contextmanager
+    def writing(self, relative: str):
+        """A file to write in pieces, which readers see only once it is whole: on a local
+        filesystem written under a hidden name and renamed; for an object store, gathered in a
+        local temporary file and uploaded (an object is visible once its upload completes)."""
+        target = self.path(relative)
+        directory, name = target.rsplit("/", 1)
+        self.fs.makedirs(directory, exist_ok=True)
+        if self.is_local:
+            staging = f"{directory}/{staging_name(name)}"
+            with self.fs.open(staging, "wb") as handle:
+                yield handle
+            self.fs.mv(staging, target)
+        else:
+            with tempfile.NamedTemporaryFile(prefix="rank1-batch-") as handle:
+                yield handle
+                handle.flush()
+                self.fs.put_file(handle.name, target)
+
     def files(self, directory: str) -> list[str]:
-        base = self.path(directory)
-        if not self.fs.exists(base):
-            return []
-        return sorted(p for p in self.fs.find(base) if is_part_file(p))
+        return sorted(self._listing(directory))
 
     def sizes(self, directory: str) -> dict[str, int]:
         """Each committed part file's name and size in bytes, from one listing."""
+        return {path.rsplit("/", 1)[-1]: info["size"] for path, info in self._listing(directory).items()}
+
+    def _listing(self, directory: str) -> dict[str, dict]:
+        """The committed part files of a directory, listed now: other processes (the engine
+        actors) write there, so a listing this process cached earlier may lack their files."""
         base = self.path(directory)
+        self.fs.invalidate_cache(base)
         if not self.fs.exists(base):
             return {}
-        found = self.fs.find(base, detail=True)
-        return {path.rsplit("/", 1)[-1]: info["size"] for path, info in found.items() if is_part_file(path)}
+        return {path: info for path, info in self.fs.find(base, detail=True).items() if is_part_file(path)}
 
     def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
         """All committed part files of a directory as one table (empty with `schema` if none)."""
