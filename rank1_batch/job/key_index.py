@@ -38,6 +38,11 @@ FILES_PER_READING_TASK = 256  # committed part files, of a batch each
 KEPT_PARTITIONS = 4
 
 
+def key_columns(columns: dict[str, str]) -> list[str]:
+    """The input's own names of the key columns, under the run's column mapping."""
+    return [columns.get(name, name) for name in KEY_SCHEMA.names]
+
+
 def partition_of_shards(shards: list[Shard]) -> dict[str, int]:
     """Consecutive input shards grouped into partitions of about `PARTITION_ROWS` rows."""
     found, number, rows = {}, 0, 0
@@ -92,7 +97,7 @@ def _input_keys(fs, paths: list[str], partitions: list[int], columns: dict[str, 
     (query_id, partition) pairs they hold."""
     def read(path: str) -> pa.Table:
         with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=[columns.get(name, name) for name in KEY_SCHEMA.names])
+            table = pq.read_table(handle, columns=key_columns(columns))
         return to_contract(table, columns).select(KEY_SCHEMA.names)
 
     tables = _read_all(read, paths)
@@ -135,7 +140,11 @@ class InputKeys:
 
     @property
     def partitions(self) -> int:
-        return max(self.partition_of_shard.values(), default=-1) + 1
+        return partition_count(self.partition_of_shard)
+
+
+def partition_count(partition_of_shard: dict[str, int]) -> int:
+    return max(partition_of_shard.values()) + 1
 
 
 def index_inputs(fs, shards: list[Shard], columns: dict[str, str], num_cpus: float) -> InputKeys:
@@ -144,7 +153,7 @@ def index_inputs(fs, shards: list[Shard], columns: dict[str, str], num_cpus: flo
     import ray
 
     partition_of_shard = partition_of_shards(shards)
-    buckets = max(1, len(set(partition_of_shard.values())))
+    buckets = partition_count(partition_of_shard)
     reading = ray.remote(_input_keys).options(num_cpus=num_cpus, num_returns=buckets + 1)
     outputs = [reading.remote(fs, paths, [partition_of_shard[path] for path in paths], columns, buckets)
                for paths in _in_groups([shard.path for shard in shards], sum(shard.rows for shard in shards),
@@ -193,7 +202,7 @@ def index_done(output: Output, inputs: InputKeys, num_cpus: float) -> DoneKeys:
     paths = output.files("scores") + output.files("unscored")
     if not paths:
         return DoneKeys((), 0, inputs.partition_of_shard)
-    partitions = max(1, inputs.partitions)
+    partitions = inputs.partitions
     queries = ray.put(inputs.queries)
     reading = ray.remote(_done_keys).options(num_cpus=num_cpus, num_returns=partitions + 1)
     outputs = [reading.remote(output, group, queries, partitions)

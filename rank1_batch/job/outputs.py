@@ -112,14 +112,15 @@ def rank_with_ray_data(output: Output, job: JobConfig) -> None:
     streamed from it, so that no process holds every candidate."""
     import ray
 
-    def candidates(directory: str, columns: list[str]):
-        return ray.data.read_parquet(output.files(directory), filesystem=arrow_filesystem(output.fs),
+    def candidates(paths: list[str], columns: list[str]):
+        return ray.data.read_parquet(paths, filesystem=arrow_filesystem(output.fs),
                                      file_extensions=None).select_columns(columns)
 
-    scored = candidates("scores", RANKING_COLUMNS).map_batches(
+    scored = candidates(output.files("scores"), RANKING_COLUMNS).map_batches(
         lambda batch: batch.cast(RANKING_SCHEMA), batch_format="pyarrow")
-    if output.files("unscored"):
-        scored = scored.union(candidates("unscored", UNSCORED_COLUMNS).map_batches(
+    unscored = output.files("unscored")
+    if unscored:
+        scored = scored.union(candidates(unscored, UNSCORED_COLUMNS).map_batches(
             lambda batch: with_no_score(batch).cast(RANKING_SCHEMA), batch_format="pyarrow"))
     ranked = scored.groupby("query_id").map_groups(rank_one_query, batch_format="pyarrow").materialize()
     _remove_ranked(output)

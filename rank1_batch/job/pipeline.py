@@ -28,7 +28,7 @@ from ..config import JobConfig, JobError, RunConfig
 from .drain import Preempted, sigterm_requests_drain, start_gate
 from ..model.encoding import PromptEncoder
 from ..model.engine_metrics import EngineFigures
-from .key_index import KEY_SCHEMA, index_inputs
+from .key_index import KEY_SCHEMA, index_inputs, key_columns
 from .lease import Lease
 from .score_store import ScoreStore, model_fingerprint, result_identity
 from .outputs import ThisRun, write_manifest, write_ranked_outputs
@@ -114,14 +114,14 @@ def place_engines(job: JobConfig) -> bool:
 def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
     """A streaming read of the input shards, each row with its hash and its shard's path, of the
     columns the contract needs (or only the two key columns). Shards are read in groups of equal
-    columns and types, so
-    an optional column that only some shards have is kept where it exists, and shards may disagree
-    on a column's type (integer or string ids): each block is cast to the contract later."""
+    columns and types, so an optional column that only some shards have is kept where it exists,
+    and shards may disagree on a column's type (integer or string ids): each block is cast to the
+    contract later."""
     import ray
 
     groups: dict[tuple[str, ...], list[str]] = {}
     for shard in shards:
-        columns = key_columns(job) if keys_only else source_columns(shard.columns, job.run.columns)
+        columns = key_columns(job.run.columns) if keys_only else source_columns(shard.columns, job.run.columns)
         signature = tuple((name, str(shard.schema.field(name).type)) for name in columns)
         groups.setdefault(signature, []).append(shard.path)
     datasets = [
@@ -168,10 +168,6 @@ def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicat
         batch_format="pyarrow",
         **engine_resources(job.engine.tensor_parallel_size, job.run.cpus_per_engine, gpus),
     )
-
-
-def key_columns(job: JobConfig) -> list[str]:
-    return [job.run.columns.get(name, name) for name in ("query_id", "doc_id")]
 
 
 def find_duplicates(fs, shards: list[Shard], job: JobConfig, repeated: pa.Table) -> pa.Table | None:
