@@ -149,6 +149,10 @@ class RunConfig:
     # Seconds after SIGTERM for the batches in flight to commit before the run exits: inside
     # Kubernetes' default grace of 30 s; raise both together where batches take longer.
     grace_period: float = 25.0
+    # Seconds after a lease's last heartbeat (renewed every 15 s) when its run counts as dead and
+    # another run may take the output over: long enough to outlast a slow object store's pauses,
+    # short enough that a RayJob retry on a new head waits a couple of minutes, not its retries.
+    lease_timeout: float = 120.0
     # Share of the pairs to rerank (input pairs within the top k) rejected or fallen back, above
     # which the run exits non-zero.
     max_failed_share: float = 0.05
@@ -166,7 +170,7 @@ class RunConfig:
             raise ValueError(f"--min-engines {self.min_engines} is more than --max-engines {self.max_engines}")
         if self.cpus_per_engine < 0:
             raise ValueError(f"--cpus-per-engine must not be negative, not {self.cpus_per_engine}")
-        for name in ("placement_timeout", "stall_timeout", "grace_period"):
+        for name in ("placement_timeout", "stall_timeout", "grace_period", "lease_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{_flag(name)} must be a positive number of seconds")
         if not 0 <= self.max_failed_share <= 1:

@@ -88,6 +88,9 @@ def run_options(command):
         click.option("--stall-timeout", type=float, help="Seconds without a committed batch before the run fails (default 1800)."),
         click.option("--grace-period", type=float,
                      help="Seconds after SIGTERM for the batches in flight to commit before the run exits (default 25)."),
+        click.option("--lease-timeout", type=float,
+                     help="Seconds after the last heartbeat of the run holding the output when it counts as dead "
+                          "and is taken over (default 120)."),
         click.option("--max-failed-share", type=float,
                      help="Share of the pairs to rerank (within --top-k) rejected or fallen back above which the run "
                           "exits non-zero (default 0.05)."),

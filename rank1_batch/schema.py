@@ -68,6 +68,8 @@ LABELS_SCHEMA = pa.schema(
 REASON = "reason"
 # Ray's hash of an input row's file and position: the row's identity across re-runs.
 ROW_HASH = "row_hash"
+# Ray Data's column of each input row's file (`include_paths`), which replaces a file column so named.
+SHARD_PATH = "path"
 
 
 class InputError(ValueError):

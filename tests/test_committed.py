@@ -45,7 +45,7 @@ def committed_output(path) -> tuple[Output, pa.Table]:
 
 def test_counts_add_up_the_commit_records_of_every_attempt(tmp_path):
     output, everything = committed_output(tmp_path)
-    committed = read_committed(output, input_rows=10)
+    committed = read_committed(output, input_rows=10, num_cpus=1)
     assert committed.counts == {
         "input": 10, "scored": 6, "rejected": 2, "unscored": 1, "errors": 1,
         "outcomes": {"answered": 3, "forced": 2, "fallback": 1},
@@ -76,12 +76,33 @@ def test_ray_data_ranks_and_counts_as_the_driver_does(ray_session, tmp_path):
     job = JobConfig()
     on_driver, _ = committed_output(tmp_path / "driver")
     on_ray, _ = committed_output(tmp_path / "ray")
-    counts = write_ranked_outputs(on_driver, job, input_rows=10)
+    counts = write_ranked_outputs(on_driver, job, input_rows=10, num_cpus=1)
     with mock.patch.object(outputs, "RANKED_ON_DRIVER", 5):
-        assert write_ranked_outputs(on_ray, job, input_rows=10) == counts
+        assert write_ranked_outputs(on_ray, job, input_rows=10, num_cpus=1) == counts
     by_rank = [("query_id", "ascending"), ("rank", "ascending")]
     driver_ranked = on_driver.read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA).sort_by(by_rank)
     ray_ranked = on_ray.read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA).sort_by(by_rank)
     assert ray_ranked.equals(driver_ranked) and ray_ranked.num_rows == 7
     trec = {name: sorted((tmp_path / name / "run.trec").read_text().splitlines()) for name in ("driver", "ray")}
     assert trec["ray"] == trec["driver"] and "q1 Q0 q1-d9 4 1 rank1" in trec["ray"]  # the unscored tail last
+
+
+def test_reading_tasks_count_and_gather_candidates_as_the_driver_does(ray_session, tmp_path):
+    """An output of more files than one process reads is read by Ray tasks, a group each."""
+    output, _ = committed_output(tmp_path)
+    on_driver = read_committed(output, input_rows=10, num_cpus=1)
+    with mock.patch.object(outputs, "FILES_PER_READING_TASK", 1):
+        in_tasks = read_committed(output, input_rows=10, num_cpus=1)
+    assert in_tasks.counts == on_driver.counts
+    by_key = [("query_id", "ascending"), ("doc_id", "ascending")]
+    assert in_tasks.candidates.sort_by(by_key).equals(on_driver.candidates.sort_by(by_key))
+
+
+def test_an_output_with_no_candidate_is_ranked_on_the_driver_at_any_size(ray_session, tmp_path):
+    output = Output(str(tmp_path), RunConfig())
+    output.write_table("rejects", "part-a.parquet", pa.table({"query_id": ["q1"], "reason": ["empty"]}))
+    with mock.patch.object(outputs, "RANKED_ON_DRIVER", 0):
+        counts = write_ranked_outputs(output, JobConfig(), input_rows=1, num_cpus=1)
+    assert (counts["rejected"], counts["scored"]) == (1, 0)
+    assert output.read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA).num_rows == 0
+    assert (tmp_path / "run.trec").read_text() == ""

@@ -125,6 +125,17 @@ def test_missing_column_fails_before_any_engine_starts(tmp_path):
     assert not (tmp_path / "output").exists()
 
 
+def test_a_column_named_path_is_refused_before_any_engine_starts(tmp_path):
+    """Ray Data would replace it with each row's file name."""
+    pairs = candidate_lists(queries=1, per_query=3, seed=1)
+    write_shards(pairs.rename_columns(["path" if n == "text" else n for n in pairs.column_names]), tmp_path / "input",
+                 shards=1)
+    job = tiny_job(input=[str(tmp_path / "input")], output=str(tmp_path / "output"), columns={"text": "path"})
+    with pytest.raises(InputError, match=r"pairs-0\.parquet: the column 'path' cannot be read"):
+        run(job, show_progress=False)
+    assert not (tmp_path / "output").exists()
+
+
 def test_column_mapping_and_integer_ids(ray_session, tmp_path):
     pairs = candidate_lists(queries=2, per_query=3, seed=5)
     renamed = pairs.rename_columns(["qid" if n == "query_id" else "passage" if n == "text" else n for n in pairs.column_names])

@@ -60,7 +60,7 @@ def finished_run(tmp_path):
     }).cast(RANKED_SCHEMA))
     job = JobConfig.from_options({"input": ["in/"], "output": url, "model": "jhu-clsp/rank1-7b", "top_k": 4,
                                   "max_reasoning_tokens": BUDGET, "threshold": 0.5})
-    write_manifest(output, job, read_committed(output, input_rows=10).counts, ThisRun(scored=8), wall_seconds=125.0)
+    write_manifest(output, job, read_committed(output, input_rows=10, num_cpus=1).counts, ThisRun(scored=8), wall_seconds=125.0)
     qrels = tmp_path / "qrels.txt"
     qrels.write_text(QRELS)
     return url, str(qrels)
@@ -117,7 +117,7 @@ def test_report_without_qrels_or_scored_pairs(tmp_path):
     url = str(tmp_path / "out")
     output = Output(url, RunConfig())
     output.write_table("ranked", "part-00000.parquet", RANKED_SCHEMA.empty_table())
-    write_manifest(output, JobConfig(), read_committed(output, input_rows=0).counts, ThisRun(), wall_seconds=1.0)
+    write_manifest(output, JobConfig(), read_committed(output, input_rows=0, num_cpus=1).counts, ThisRun(), wall_seconds=1.0)
     result = CliRunner().invoke(report_command, [url])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "out" / "report" / "report.md").read_text()

@@ -63,7 +63,8 @@ def every_option_changed() -> JobConfig:
             "input": ["s3://bucket/with space/", "/data/a.parquet"], "output": "s3://bucket/out/",
             "columns": {"text": "passage", "query_id": "qid"}, "top_k": 50, "run_tag": "tag;rm -rf", "store": "s3://bucket/score store/",
             "min_engines": 2, "max_engines": 5, "cpus_per_engine": 2.5, "device": "gpu",
-            "batch_size": 64, "max_concurrent_batches": 3, "placement_timeout": 30.0, "stall_timeout": 900.0, "grace_period": 50.0, "compact": True,
+            "batch_size": 64, "max_concurrent_batches": 3, "placement_timeout": 30.0, "stall_timeout": 900.0, "grace_period": 50.0, "lease_timeout": 300.0,
+            "compact": True,
             "max_failed_share": 0.1, "s3_endpoint_url": "http://minio:9000", "s3_profile": "batch",
         }
     )

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -20,6 +21,7 @@ import yaml
 from click.testing import CliRunner
 
 from rank1_batch.cli import SAMPLE, main
+from rank1_batch.job.pipeline import stall_message
 
 from .conftest import candidate_lists, tiny_run_options, write_shards
 
@@ -224,6 +226,16 @@ def test_overwrite_removes_only_what_a_run_wrote_and_a_stall_fails_the_run(finis
     assert not (output / ".run.trec.tmp").exists()
     assert not (output / "_lease.json").exists()  # released on the way out
     assert json.loads((output / "_job.json").read_text())["scoring"]["threshold"] == 0.7
+
+
+def test_a_stall_names_the_stage_that_holds_the_work():
+    def stage(states: dict, in_flight: int) -> str:
+        return stall_message(5, 10, 160, Counter(states), in_flight).split(": ", 2)[2]
+
+    assert stage({"PENDING_CREATION": 1, "ALIVE": 1}, 0).startswith("1 engine actor(s) still starting")
+    assert stage({"ALIVE": 2}, 3).startswith("2 engine actor(s) scoring 3 batch(es)")
+    assert "the prepare stage (reading the input, building prompts)" in stage({"ALIVE": 2}, 0)
+    assert stage({}, 0).startswith("no engine actor has been placed")
 
 
 def test_sigterm_releases_the_output(tmp_path):

@@ -21,6 +21,7 @@ from .engine_deaths import DEATHS_DIR
 from .key_index import DoneKeys, InputKeys, index_done
 from .lease import LEASE_FILE
 from .outputs import JOB_FILE, LAYOUT, MANIFEST
+from .parallel_reads import in_parallel
 from ..schema import ROW_HASH
 from .storage import Output, staging_name
 
@@ -30,7 +31,7 @@ from .storage import Output, staging_name
 _FREE_ENGINE = {"tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"}
 _FREE_RUN = {"output", "engines", "min_engines", "max_engines", "cpus_per_engine", "device", "batch_size",
              "ray_address", "s3_endpoint_url", "s3_profile", "overwrite", "verbose", "trec_run", "run_tag",
-             "placement_timeout", "stall_timeout", "grace_period", "max_failed_share", "max_concurrent_batches", "store",
+             "placement_timeout", "stall_timeout", "grace_period", "lease_timeout", "max_failed_share", "max_concurrent_batches", "store",
              "compact"}
 # What an output made before an option existed ran with: it resumes as that, not as today's default.
 _BEFORE_OPTION = {"engine": {"fit": "budget", "enable_prefix_caching": True}}
@@ -98,8 +99,7 @@ def check_output(output: Output, job: JobConfig) -> None:
     """Refuse, before anything is written, an output this job may not use: one that holds
     something other than a rank1-batch output, or one made with another configuration (unless
     `overwrite`). Reads only."""
-    entries = [path.rstrip("/").rsplit("/", 1)[-1] for path in output.fs.ls(output.root)] if output.fs.exists(output.root) else []
-    entries = [name for name in entries if name != LEASE_FILE]
+    entries = [name for name in output.entries() if name != LEASE_FILE]
     if not entries:
         return
     if JOB_FILE not in entries:
@@ -124,15 +124,13 @@ def open_output(output: Output, job: JobConfig) -> None:
     check_output(output, job)
     if job.run.overwrite:
         # with the hidden copy a killed write of a top-level file leaves (see `Output.write_bytes`)
-        for name in [*LAYOUT, *(staging_name(name) for name in LAYOUT)]:
-            if output.exists(name):
-                output.fs.rm(output.path(name), recursive=True)
+        removed = [*LAYOUT, *(staging_name(name) for name in LAYOUT)]
     else:
         # errors/ holds pairs this run scores again, and engine deaths count within one run; a
         # finished run's manifest is rewritten at the end
-        for name in (MANIFEST, "errors", DEATHS_DIR):
-            if output.exists(name):
-                output.fs.rm(output.path(name), recursive=True)
+        removed = [MANIFEST, "errors", DEATHS_DIR]
+    present = set(output.entries())
+    in_parallel(lambda name: output.fs.rm(output.path(name), recursive=True), [name for name in removed if name in present])
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())
     finish_interrupted(output)
     _remove_orphans(output)
@@ -147,7 +145,7 @@ def done_in(output: Output, inputs: InputKeys, num_cpus: float) -> Done:
 
 def _remove_orphans(output: Output) -> None:
     """Trace and label files whose scores file was never committed: their pairs will be redone."""
-    committed = {path.rsplit("/", 1)[-1] for path in output.files("scores")}
-    for path in output.files("traces") + output.files("labels"):
-        if path.rsplit("/", 1)[-1] not in committed:
-            output.fs.rm(path)
+    listed = output.listings("scores", "traces", "labels")
+    committed = {path.rsplit("/", 1)[-1] for path in listed["scores"]}
+    in_parallel(output.fs.rm, [path for path in listed["traces"] + listed["labels"]
+                               if path.rsplit("/", 1)[-1] not in committed])

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .outputs import commit_record
+from .parallel_reads import in_parallel
 from .storage import Output, record_of
 
 COMPACTED_PREFIX = "compact-"
@@ -52,10 +53,11 @@ def groups(sizes: dict[str, int], target: int = TARGET_BYTES) -> list[list[str]]
 
 
 def _read(output: Output, directory: str, names: list[str]) -> pa.Table:
-    tables = []
-    for name in names:
+    def read(name: str) -> pa.Table:
         with output.fs.open(output.path(directory, name), "rb") as handle:
-            tables.append(pq.read_table(handle, use_threads=False).replace_schema_metadata(None))
+            return pq.read_table(handle, use_threads=False).replace_schema_metadata(None)
+
+    tables = in_parallel(read, names)
     # files written before a column was added to the layout lack it: nulls there
     return pa.concat_tables(tables, promote_options="default")
 
@@ -76,18 +78,20 @@ def merge(output: Output, directory: str, names: list[str], twins: dict[str, lis
 def _remove(output: Output, directories: list[str], names: list[str]) -> None:
     """The replaced files, in the order of `directories`: twins before the scores file that marks
     them as committed."""
+    def remove(path: str) -> None:
+        try:
+            output.fs.rm(path)
+        except FileNotFoundError:
+            pass
+
     for directory in directories:
-        for name in names:
-            try:
-                output.fs.rm(output.path(directory, name))
-            except FileNotFoundError:
-                pass
+        in_parallel(remove, [output.path(directory, name) for name in names])
 
 
 def finish_interrupted(output: Output) -> None:
     """Remove the files that a committed merged file replaces, where a kill left them behind."""
-    for directory in DIRECTORIES:
-        for path in output.files(directory):
+    for directory, paths in output.listings(*DIRECTORIES).items():
+        for path in paths:
             if path.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX):
                 with output.fs.open(path, "rb") as handle:
                     replaced = record_of(pq.ParquetFile(handle))["replaces"]
@@ -100,7 +104,8 @@ def compact(output: Output, merge_cpus: float) -> dict[str, tuple[int, int]]:
     interrupted was finished when the run opened the output (`checkpoint.open_output`)."""
     import ray
 
-    sizes = {directory: output.sizes(directory) for directory in (*DIRECTORIES, *TWINS)}
+    listed = [*DIRECTORIES, *TWINS]
+    sizes = dict(zip(listed, in_parallel(output.sizes, listed)))
     # a scores file weighs with its twins, which it is merged with (traces are most of the bytes)
     weights = {name: size + sum(sizes[twin].get(name, 0) for twin in TWINS) for name, size in sizes["scores"].items()}
     planned = {directory: groups(weights if directory == "scores" else sizes[directory]) for directory in DIRECTORIES}

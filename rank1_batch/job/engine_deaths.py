@@ -57,5 +57,4 @@ class EngineDeaths:
             self.output.write_bytes(self._relative(batch), json.dumps(asdict(death)).encode())
 
     def clear(self, batch: str) -> None:
-        if self.output.exists(self._relative(batch)):
-            self.output.fs.rm(self.output.path(self._relative(batch)))
+        self.output.remove(self._relative(batch))

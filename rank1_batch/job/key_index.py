@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,16 +23,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..schema import to_contract
-from .storage import READERS, Output, Shard
+from .parallel_reads import FILES_PER_READING_TASK, ROWS_PER_READING_TASK, in_groups, in_parallel
+from .storage import Output, Shard
 
 KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])
 # Input rows per partition of done keys: what a prepare task fetches for a shard.
 PARTITION_ROWS = 250_000
-# Reading tasks: at most this many, each with at least this much to read (a task costs a worker
-# and a filesystem client); each reads its files many at a time, as object stores answer slowly.
-READING_TASKS = 64
-ROWS_PER_READING_TASK = 1_000_000  # input rows
-FILES_PER_READING_TASK = 256  # committed part files, of a batch each
 # Partitions a prepare worker keeps between its tasks (its next block is likely of the same shard).
 KEPT_PARTITIONS = 4
 
@@ -80,18 +75,6 @@ def repeated(keys: pa.Table) -> pa.Table:
     return counted.filter(pc.greater(counted["query_id_count"], 1)).select(KEY_SCHEMA.names)
 
 
-def _in_groups(items: list, work: int, work_per_task: int) -> list[list]:
-    """`items` in consecutive groups, one per reading task."""
-    tasks = max(1, min(READING_TASKS, len(items), -(-work // work_per_task)))
-    size = -(-len(items) // tasks)
-    return [items[start:start + size] for start in range(0, len(items), size)]
-
-
-def _read_all(read, paths: list[str]) -> list[pa.Table]:
-    with ThreadPoolExecutor(max_workers=READERS) as pool:
-        return list(pool.map(read, paths))
-
-
 def _input_keys(fs, paths: list[str], partitions: list[int], columns: dict[str, str], buckets: int) -> list:
     """A reading task over input shards: their keys in `buckets` tables by query, and the
     (query_id, partition) pairs they hold."""
@@ -100,7 +83,7 @@ def _input_keys(fs, paths: list[str], partitions: list[int], columns: dict[str, 
             table = pq.read_table(handle, columns=key_columns(columns))
         return to_contract(table, columns).select(KEY_SCHEMA.names)
 
-    tables = _read_all(read, paths)
+    tables = in_parallel(read, paths)
     queries = pa.concat_tables([
         pa.table({"query_id": table["query_id"], "partition": pa.array(np.full(table.num_rows, partition, np.int32))})
         for table, partition in zip(tables, partitions)
@@ -120,7 +103,7 @@ def _done_keys(output: Output, paths: list[str], queries: pa.Table, partitions: 
         with output.fs.open(path, "rb") as handle:
             return pq.read_table(handle, columns=KEY_SCHEMA.names, use_threads=False).cast(KEY_SCHEMA)
 
-    keys = pa.concat_tables([KEY_SCHEMA.empty_table(), *_read_all(read, paths)])
+    keys = pa.concat_tables([KEY_SCHEMA.empty_table(), *in_parallel(read, paths)])
     placed = keys.join(queries, "query_id", join_type="inner").select([*KEY_SCHEMA.names, "partition"])
     numbers = placed["partition"].to_numpy()
     return [*(part.select(KEY_SCHEMA.names) for part in split(placed, numbers, partitions)), keys.num_rows]
@@ -156,7 +139,7 @@ def index_inputs(fs, shards: list[Shard], columns: dict[str, str], num_cpus: flo
     buckets = partition_count(partition_of_shard)
     reading = ray.remote(_input_keys).options(num_cpus=num_cpus, num_returns=buckets + 1)
     outputs = [reading.remote(fs, paths, [partition_of_shard[path] for path in paths], columns, buckets)
-               for paths in _in_groups([shard.path for shard in shards], sum(shard.rows for shard in shards),
+               for paths in in_groups([shard.path for shard in shards], sum(shard.rows for shard in shards),
                                        ROWS_PER_READING_TASK)]
     finding = ray.remote(_repeated_in).options(num_cpus=num_cpus)
     repeats = [finding.remote(*(refs[bucket] for refs in outputs)) for bucket in range(buckets)]
@@ -199,14 +182,14 @@ def index_done(output: Output, inputs: InputKeys, num_cpus: float) -> DoneKeys:
     per input partition."""
     import ray
 
-    paths = output.files("scores") + output.files("unscored")
+    paths = [path for paths in output.listings("scores", "unscored").values() for path in paths]
     if not paths:
         return DoneKeys((), 0, inputs.partition_of_shard)
     partitions = inputs.partitions
     queries = ray.put(inputs.queries)
     reading = ray.remote(_done_keys).options(num_cpus=num_cpus, num_returns=partitions + 1)
     outputs = [reading.remote(output, group, queries, partitions)
-               for group in _in_groups(paths, len(paths), FILES_PER_READING_TASK)]
+               for group in in_groups(paths, len(paths), FILES_PER_READING_TASK)]
     joining = ray.remote(_concatenated).options(num_cpus=num_cpus)
     refs = tuple(joining.remote(*(parts[number] for parts in outputs)) for number in range(partitions))
     return DoneKeys(refs, sum(ray.get([parts[partitions] for parts in outputs])), inputs.partition_of_shard)

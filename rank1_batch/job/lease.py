@@ -2,14 +2,22 @@
 
 The lease names its holder (run id, host, process id and that process's start time) and carries a
 heartbeat that a thread renews. Another run is refused while the holder is alive. A holder is
-known to be gone when its heartbeat is older than the stale limit, or at once when it ran on this
-host and its process no longer exists (or the id now belongs to a younger process), so a re-run
-after a kill does not wait.
+known to be gone when its heartbeat is older than the stale limit (`--lease-timeout`), or at once
+when it ran on this host and its process no longer exists (or the id now belongs to a younger
+process), so a re-run after a kill does not wait. A holder on another host (a RayJob retry runs
+on a new head) is watched: a heartbeat that advances is a live run, refused; one that ages past
+the limit is a dead one, taken over. So a retry waits at most the stale limit, and fails none of
+its attempts on a lease its predecessor left.
 
-Taking a lease is a read, then a write, then a read back. On a local filesystem or any store
-without conditional writes, two runs that start within the same instant can both read "free";
-the read back, after a short settle, catches all but a write that lands in between. Object stores
-that offer conditional writes could close that gap; the lease does not rely on one.
+Taking a lease reads its version, then the holder, then writes on condition of that version. On
+S3 (and stores that honour its If-None-Match and If-Match headers, as MinIO does) the store checks
+the condition itself: of two runs that start within the same instant exactly one writes, and the
+other is refused. Renewals and the release are conditional on the version last written, so a run
+whose lease was taken over (a heartbeat that stalled past the stale limit) never overwrites or
+removes its successor's, and says so. A local filesystem checks only creation (a hard link fails
+on an existing name); taking over a dead holder's lease there, and any write on a store without
+conditions, is followed by a read back after a short settle, which catches all but a write that
+lands in between.
 """
 
 from __future__ import annotations
@@ -25,15 +33,13 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from ..config import JobError
-from .storage import Output
+from ..config import JobError, RunConfig
+from .storage import ABSENT, Changed, Output
 
 LEASE_FILE = "_lease.json"
 # A heartbeat renewed this often stays well inside any sensible stale limit.
 HEARTBEAT_SECONDS = 15.0
-# Long enough to outlast a slow object store's pauses; short enough that a RayJob retry on a new
-# head (which cannot see the old head's processes) waits a couple of minutes, not its retries.
-STALE_AFTER_SECONDS = 120.0
+STALE_AFTER_SECONDS = RunConfig.lease_timeout
 SETTLE_SECONDS = 0.2
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,11 @@ def is_gone(holder: Holder, stale_after: float) -> bool:
     return False
 
 
+def renewal_seconds(stale_after: float) -> float:
+    """How often a heartbeat is renewed: several times within the stale limit."""
+    return min(HEARTBEAT_SECONDS, stale_after / 4)
+
+
 def new_holder(run_id: str) -> Holder:
     """This process as the holder of a record, for the run `run_id`."""
     now = time.time()
@@ -105,21 +116,35 @@ class Heartbeat:
         self.relative = relative
         self.holder = holder
         self.stale_after = stale_after
+        self.version: str | None = None  # of the record last written, where the store checks versions
+        self.lost = threading.Event()  # set when another holder replaced the record
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
-    def write(self) -> None:
-        self.output.write_bytes(self.relative, json.dumps(asdict(self.holder)).encode())
+    def write(self, version: str | None = None) -> None:
+        """Write the record: on condition that it is at `version` (see `Output.write_bytes_if`),
+        else on condition that it is still the one last written."""
+        expected = version if version is not None else self.version
+        self.version = self.output.write_bytes_if(self.relative, json.dumps(asdict(self.holder)).encode(), expected)
 
     def start(self) -> None:
         self._renewer = threading.Thread(target=self._renew, name="heartbeat", daemon=True)
         self._renewer.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(min(HEARTBEAT_SECONDS, self.stale_after / 4)):
+        while not self._stop.wait(renewal_seconds(self.stale_after)):
             self.holder = Holder(**{**asdict(self.holder), "heartbeat": time.time()})
             try:
                 self.write()
+            except Changed:
+                version, held = self.output.version(self.relative), read_holder(self.output, self.relative)
+                if held is not None and held.is_same_process(self.holder):
+                    self.version = version  # our own write, retried after the store had taken it
+                    continue
+                self.lost.set()
+                log.error("%s in %s was taken over by %s; no longer renewed", self.relative, self.output.url,
+                          held.describe() if held else "another writer")
+                return
             except OSError as error:  # a missed beat is not fatal; the stale limit allows several
                 log.warning("could not renew %s in %s: %s", self.relative, self.output.url, error)
 
@@ -127,6 +152,14 @@ class Heartbeat:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
+        if self.lost.is_set():
+            return
+        if self.version:  # the store removes it only if it is still ours
+            try:
+                self.output.remove_if(self.relative, self.version)
+            except (Changed, FileNotFoundError):
+                pass
+            return
         held = read_holder(self.output, self.relative)
         if held is not None and held.is_same_process(self.holder):
             self.output.fs.rm(self.output.path(self.relative))
@@ -155,24 +188,54 @@ class Lease:
     def current(self) -> Holder | None:
         return read_holder(self.output, LEASE_FILE)
 
+    def _read(self) -> tuple[str | None, Holder | None]:
+        # the version before the holder: a write conditional on it fails if the holder read is not the latest
+        return self.output.version(LEASE_FILE), self.current()
+
     def acquire(self) -> None:
-        held = self.current()
-        if held is not None and held.run_id != self.holder.run_id:
-            if not is_gone(held, self.stale_after):
-                raise OutputInUse(f"{self.output.url} is held by {held.describe()}; wait for it to end, or "
-                                  "choose another --output")
+        version, held = self._read()
+        if held is not None and not is_gone(held, self.stale_after):
+            if held.host == socket.gethostname():
+                raise self._in_use(held)
+            version, held = self._watch(held)
+        if held is not None:
             log.warning("taking over %s from %s, which has ended", self.output.url, held.describe())
-        self.heartbeat.write()
         try:
-            time.sleep(SETTLE_SECONDS)
-            held = self.current()
-            if held is None or held.run_id != self.holder.run_id:
-                raise OutputInUse(f"{self.output.url} was taken by {held.describe() if held else 'another run'} "
-                                  "at the same moment; choose another --output")
+            self.heartbeat.write(version)
+        except Changed:
+            raise self._taken() from None
+        try:
+            if version is None:  # the store could not check the write: read it back
+                time.sleep(SETTLE_SECONDS)
+                held = self.current()
+                if held is None or held.run_id != self.holder.run_id:
+                    raise self._taken()
             self.heartbeat.start()
         except BaseException:  # a signal or a lost race: leave nothing of ours behind
             self.release()
             raise
+
+    def _watch(self, held: Holder) -> tuple[str | None, Holder | None]:
+        """Watch a holder on another host until its heartbeat advances (refused) or ages past the
+        stale limit, or it releases the lease; return what was read last."""
+        log.warning("%s is held by %s on another host: watching its heartbeat for up to %.0f s", self.output.url,
+                    held.describe(), self.stale_after - (time.time() - held.heartbeat))
+        while True:
+            time.sleep(renewal_seconds(self.stale_after) / 3)
+            version, now = self._read()
+            if now is None or is_gone(now, self.stale_after):
+                return version, now
+            if not now.is_same_process(held) or now.heartbeat != held.heartbeat:
+                raise self._in_use(now)
+
+    def _in_use(self, held: Holder) -> OutputInUse:
+        return OutputInUse(f"{self.output.url} is held by {held.describe()}; wait for it to end, or choose "
+                           "another --output")
+
+    def _taken(self) -> OutputInUse:
+        held = self.current()
+        return OutputInUse(f"{self.output.url} was taken by {held.describe() if held else 'another run'} at the "
+                           "same moment; choose another --output")
 
     def release(self) -> None:
         self.heartbeat.stop()

@@ -15,7 +15,8 @@ from ..ir.ranking import rank
 from ..schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
 from ..model.judgement import OUTCOMES
 from .engine_deaths import DEATHS_DIR
-from .storage import Output, arrow_filesystem
+from .parallel_reads import FILES_PER_READING_TASK, in_groups, in_parallel
+from .storage import Output, Part, arrow_filesystem
 
 RANKED_ROWS_PER_FILE = 1_000_000
 # Candidates ranked in the driver's memory (about 100 bytes each, twice over while ranking); the
@@ -37,6 +38,14 @@ TREC_SCORE = "trec_score"
 # is counted from its columns.
 SUMMED = ("truncated", "prompt_tokens", "reasoning_tokens", "reused")
 COUNTED_COLUMNS = ["outcome", *SUMMED]
+# Each directory a finished output is counted from: the columns it gives to rank (when the
+# candidates are asked for), its schema, and the columns a file without a record is counted from.
+COUNTED_DIRECTORIES = {
+    "scores": (RANKING_COLUMNS, SCORES_SCHEMA, COUNTED_COLUMNS),
+    "unscored": (UNSCORED_COLUMNS, UNSCORED_SCHEMA, []),
+    "rejects": ([], pa.schema([]), []),
+    "errors": ([], ERRORS_SCHEMA, []),
+}
 
 
 def commit_record(scores: pa.Table) -> dict:
@@ -58,26 +67,57 @@ class Committed:
     counts: dict
 
 
-def read_committed(output: Output, input_rows: int, candidates: bool = True) -> Committed:
-    """One read of each part file: scores/ for its record (and its ranking columns), unscored/
-    for its row count (and its ranking columns), rejects/ and errors/ for their footers' row counts."""
-    scores = output.read_parts("scores", RANKING_COLUMNS if candidates else [], SCORES_SCHEMA,
-                               without_record=COUNTED_COLUMNS)
-    unscored = output.read_parts("unscored", UNSCORED_COLUMNS if candidates else [], UNSCORED_SCHEMA)
-    records = [part.record or commit_record(part.table) for part in scores]
+def read_committed(output: Output, input_rows: int, num_cpus: float, candidates: bool = True) -> Committed:
+    """One read of each part file of the `COUNTED_DIRECTORIES`: for its record (scores/) or its
+    footer's row count, and its ranking columns when the candidates are asked for. An output of
+    more files than one process reads quickly is read by Ray tasks (of `num_cpus` each), a group
+    of files each, so that its reads' round trips overlap across the cluster."""
+    listed = output.listings(*COUNTED_DIRECTORIES)
+    files = [(directory, path) for directory, paths in listed.items() for path in paths]
+    groups = in_groups(files, len(files), FILES_PER_READING_TASK)
+    if len(groups) > 1:
+        import ray
+
+        reading = ray.remote(committed_in).options(num_cpus=num_cpus)
+        parts = ray.get([reading.remote(output, group, candidates) for group in groups])
+    else:
+        parts = [committed_in(output, files, candidates)]
+    counts = {"input": input_rows, **added_up([part.counts for part in parts])}
+    if not candidates:
+        return Committed(None, counts)
+    return Committed(pa.concat_tables([RANKING_SCHEMA.empty_table(), *(part.candidates for part in parts)]), counts)
+
+
+def committed_in(output: Output, files: list[tuple[str, str]], candidates: bool) -> Committed:
+    """What these part files (each a directory and a path) commit, read many at a time."""
+    def read(file: tuple[str, str]) -> tuple[str, Part]:
+        directory, path = file
+        columns, schema, without_record = COUNTED_DIRECTORIES[directory]
+        return directory, output.read_part(path, columns if candidates else [], schema, without_record)
+
+    parts = in_parallel(read, files)
+    records = [part.record or commit_record(part.table) for directory, part in parts if directory == "scores"]
+    rows = {directory: sum(part.rows for read_from, part in parts if read_from == directory)
+            for directory in ("unscored", "rejects", "errors")}
     counts = {
-        "input": input_rows,
         "scored": sum(record["scored"] for record in records),
-        "rejected": sum(part.rows for part in output.read_parts("rejects", [], pa.schema([]))),
-        "unscored": sum(part.rows for part in unscored),
-        "errors": sum(part.rows for part in output.read_parts("errors", [], ERRORS_SCHEMA)),
+        "rejected": rows["rejects"],
+        "unscored": rows["unscored"],
+        "errors": rows["errors"],
         "outcomes": {outcome: sum(record["outcomes"].get(outcome, 0) for record in records) for outcome in OUTCOMES},
         **{name: sum(record[name] for record in records) for name in SUMMED},
     }
     if not candidates:
         return Committed(None, counts)
-    tables = [*(part.table.select(RANKING_COLUMNS) for part in scores), *(with_no_score(part.table) for part in unscored)]
+    tables = [part.table.select(RANKING_COLUMNS) if directory == "scores" else with_no_score(part.table)
+              for directory, part in parts if directory in ("scores", "unscored")]
     return Committed(pa.concat_tables([RANKING_SCHEMA.empty_table(), *tables]), counts)
+
+
+def added_up(counts: list[dict]) -> dict:
+    """Counts of parts of an output added up, name by name (the outcomes' too)."""
+    return {name: added_up([each[name] for each in counts]) if isinstance(value, dict)
+            else sum(each[name] for each in counts) for name, value in counts[0].items()}
 
 
 def with_no_score(unscored: pa.Table) -> pa.Table:
@@ -85,15 +125,15 @@ def with_no_score(unscored: pa.Table) -> pa.Table:
     return unscored.append_column("score", pa.nulls(unscored.num_rows, pa.float64())).select(RANKING_COLUMNS)
 
 
-def write_ranked_outputs(output: Output, job: JobConfig, input_rows: int) -> dict:
+def write_ranked_outputs(output: Output, job: JobConfig, input_rows: int, num_cpus: float) -> dict:
     """ranked/ and run.trec from what the output holds; return the manifest's counts. Up to
-    `RANKED_ON_DRIVER` input rows the driver ranks them, else Ray Data does, by query."""
-    if input_rows > RANKED_ON_DRIVER:
-        rank_with_ray_data(output, job)
-        return read_committed(output, input_rows, candidates=False).counts
-    committed = read_committed(output, input_rows)
+    `RANKED_ON_DRIVER` input rows the driver ranks them, else Ray Data does, by query.
+    `num_cpus`: of each task reading the counts (see `read_committed`)."""
+    if input_rows > RANKED_ON_DRIVER and rank_with_ray_data(output, job):
+        return read_committed(output, input_rows, num_cpus, candidates=False).counts
+    committed = read_committed(output, input_rows, num_cpus)
     ranked = rank(committed.candidates).select(RANKED_SCHEMA.names).cast(RANKED_SCHEMA)
-    _remove_ranked(output)
+    output.remove("ranked")
     for number, start in enumerate(range(0, max(ranked.num_rows, 1), RANKED_ROWS_PER_FILE)):
         output.write_table("ranked", f"part-{number:05d}.parquet", ranked.slice(start, RANKED_ROWS_PER_FILE))
     if job.run.trec_run:
@@ -102,33 +142,32 @@ def write_ranked_outputs(output: Output, job: JobConfig, input_rows: int) -> dic
     return committed.counts
 
 
-def _remove_ranked(output: Output) -> None:
-    if output.exists("ranked"):
-        output.fs.rm(output.path("ranked"), recursive=True)
-
-
-def rank_with_ray_data(output: Output, job: JobConfig) -> None:
+def rank_with_ray_data(output: Output, job: JobConfig) -> bool:
     """ranked/ written by Ray Data, each query's candidates ranked in one group, and run.trec
-    streamed from it, so that no process holds every candidate."""
+    streamed from it, so that no process holds every candidate. False, with nothing written,
+    when the output holds no candidate at all."""
     import ray
 
-    def candidates(paths: list[str], columns: list[str]):
-        return ray.data.read_parquet(paths, filesystem=arrow_filesystem(output.fs),
-                                     file_extensions=None).select_columns(columns)
+    def candidates(paths: list[str], columns: list[str], as_candidates):
+        read = ray.data.read_parquet(paths, filesystem=arrow_filesystem(output.fs), file_extensions=None)
+        return read.select_columns(columns).map_batches(lambda batch: as_candidates(batch).cast(RANKING_SCHEMA),
+                                                        batch_format="pyarrow")
 
-    scored = candidates(output.files("scores"), RANKING_COLUMNS).map_batches(
-        lambda batch: batch.cast(RANKING_SCHEMA), batch_format="pyarrow")
-    unscored = output.files("unscored")
-    if unscored:
-        scored = scored.union(candidates(unscored, UNSCORED_COLUMNS).map_batches(
-            lambda batch: with_no_score(batch).cast(RANKING_SCHEMA), batch_format="pyarrow"))
-    ranked = scored.groupby("query_id").map_groups(rank_one_query, batch_format="pyarrow").materialize()
-    _remove_ranked(output)
+    listed = output.listings("scores", "unscored")
+    found = [candidates(listed["scores"], RANKING_COLUMNS, lambda batch: batch)] if listed["scores"] else []
+    if listed["unscored"]:
+        found.append(candidates(listed["unscored"], UNSCORED_COLUMNS, with_no_score))
+    if not found:
+        return False
+    everything = found[0].union(*found[1:]) if len(found) > 1 else found[0]
+    ranked = everything.groupby("query_id").map_groups(rank_one_query, batch_format="pyarrow").materialize()
+    output.remove("ranked")
     ranked.select_columns(RANKED_SCHEMA.names).write_parquet(output.path("ranked"),
                                                              filesystem=arrow_filesystem(output.fs))
     if job.run.trec_run:
         write_trec_run(output, ranked.iter_batches(batch_format="pyarrow", batch_size=RANKED_ROWS_PER_FILE),
                        job.run.run_tag)
+    return True
 
 
 def write_trec_run(output: Output, ranked_batches, tag: str) -> None:

@@ -15,7 +15,6 @@ import queue
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 from tqdm import tqdm
@@ -29,7 +28,7 @@ from .drain import Preempted, sigterm_requests_drain, start_gate
 from ..model.encoding import PromptEncoder
 from ..model.engine_metrics import EngineFigures
 from .key_index import KEY_SCHEMA, index_inputs, key_columns
-from .lease import Lease
+from .lease import Lease, OutputInUse
 from .score_store import ScoreStore, model_fingerprint, result_identity
 from .outputs import ThisRun, write_manifest, write_ranked_outputs
 from ..model.judgement import OUTCOMES
@@ -41,8 +40,9 @@ from ..cluster.resources import (
     engine_resources,
     uses_gpus,
 )
-from ..schema import ROW_HASH, InputError, missing_columns, source_columns, to_contract
-from .storage import READERS, Output, Shard, arrow_filesystem, list_input_files, read_footer, url_of
+from ..schema import ROW_HASH, SHARD_PATH, InputError, missing_columns, source_columns, to_contract
+from .parallel_reads import in_parallel
+from .storage import Output, Shard, arrow_filesystem, list_input_files, read_footer, url_of
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,14 @@ NOTHING = object()  # no commit arrived within a poll
 def inspect_inputs(job: JobConfig) -> tuple[object, list[Shard]]:
     """Every input file's footer, checked against the contract before any engine starts."""
     fs, files = list_input_files(job.run)
-    with ThreadPoolExecutor(max_workers=READERS) as pool:
-        shards = list(pool.map(lambda path: read_footer(fs, path), files))
+    shards = in_parallel(lambda path: read_footer(fs, path), files)
     for shard in shards:
         missing = missing_columns(shard.columns, job.run.columns)
         if missing:
             raise InputError(f"{url_of(fs, shard.path)}: missing required column(s) {', '.join(missing)}")
+        if SHARD_PATH in source_columns(shard.columns, job.run.columns):
+            raise InputError(f"{url_of(fs, shard.path)}: the column {SHARD_PATH!r} cannot be read, as Ray Data "
+                             "gives that name to each row's file; rename it in the input and map it with --columns")
     return fs, shards
 
 
@@ -84,7 +86,7 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
     connect(job)
     gpus = place_engines(job)
 
-    with Lease(output) as lease, store.writing(lease.holder.run_id) if store else contextlib.nullcontext():
+    with Lease(output, job.run.lease_timeout) as lease, store.writing(lease.holder.run_id) if store else contextlib.nullcontext():
         reuse = stages.Reuse(store, result, lease.holder.run_id) if store else None
         open_output(output, job)
         inputs = index_inputs(fs, shards, job.run.columns, PREPARE_CPUS)
@@ -94,11 +96,11 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         batches = score_and_commit(read(fs, shards, job), job, output, done, duplicates, reuse, gpus, gate)
         input_rows = sum(shard.rows for shard in shards)
         to_do = input_rows - done.pairs
-        this_run = follow(batches, to_do, show_progress, job.run, gate) if to_do > 0 else ThisRun()
+        this_run = follow(batches, to_do, show_progress, job.run, gate, lease.heartbeat.lost) if to_do > 0 else ThisRun()
         if job.run.compact:
             compact(output, PREPARE_CPUS)
 
-        counts = write_ranked_outputs(output, job, input_rows)
+        counts = write_ranked_outputs(output, job, input_rows, PREPARE_CPUS)
         return write_manifest(output, job, counts, this_run, time.monotonic() - started)
 
 
@@ -128,7 +130,7 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
         ray.data.read_parquet(
             paths, filesystem=arrow_filesystem(fs), file_extensions=None, include_row_hash=True,
             include_paths=True,
-        ).select_columns([*(name for name, _ in signature), ROW_HASH, "path"])
+        ).select_columns([*(name for name, _ in signature), ROW_HASH, SHARD_PATH])
         for signature, paths in groups.items()
     ]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -194,11 +196,12 @@ def occurrences_of(batch: pa.Table, columns: dict[str, str], repeated: pa.Table)
     return keys.join(repeated, keys=["query_id", "doc_id"], join_type="left semi")
 
 
-def follow(committed, total: int, show_progress: bool, run: RunConfig, gate) -> ThisRun:
+def follow(committed, total: int, show_progress: bool, run: RunConfig, gate, lease_lost: threading.Event) -> ThisRun:
     """Drive the dataset to the end, showing pairs done and outcomes as batches are committed;
     return what this run scored and its engines did. No commit for `run.stall_timeout` seconds
-    fails the run. SIGTERM drains it: no batch starts after it, and the run stops once the batches
-    in flight are committed or `run.grace_period` has passed."""
+    fails the run, as does the loss of its lease (`lease_lost`: another run took the output over).
+    SIGTERM drains it: no batch starts after it, and the run stops once the batches in flight are
+    committed or `run.grace_period` has passed."""
     import ray
 
     commits: queue.Queue = queue.Queue()
@@ -224,6 +227,10 @@ def follow(committed, total: int, show_progress: bool, run: RunConfig, gate) -> 
             except queue.Empty:
                 batch = NOTHING
             now = time.monotonic()
+            if lease_lost.is_set():
+                raise OutputInUse(f"another run took over {run.output} after {bar.n} of {total} pairs (this run's "
+                                  f"heartbeat was not renewed for --lease-timeout {run.lease_timeout:g} s); "
+                                  "this run stops, and what it committed is kept")
             if stop.is_set() and drain_ends is None:
                 drain_ends = now + run.grace_period
                 log.warning("SIGTERM: starting no more batches; waiting up to %g s (--grace-period) for the %d "
@@ -234,7 +241,8 @@ def follow(committed, total: int, show_progress: bool, run: RunConfig, gate) -> 
                     raise Preempted(preempted_message(bar.n, total, held, run.grace_period))
             if batch is NOTHING:
                 if now - last_commit > run.stall_timeout:
-                    raise Stalled(stall_message(run.stall_timeout, bar.n, total))
+                    raise Stalled(stall_message(run.stall_timeout, bar.n, total, engine_actor_states(),
+                                                ray.get(gate.held.remote())))
                 continue
             last_commit = now
             if batch is None:
@@ -261,14 +269,18 @@ def preempted_message(done: int, total: int, dropped: int, grace_period: float) 
             "and a re-run resumes")
 
 
-def stall_message(seconds: float, done: int, total: int) -> str:
-    """What holds the work when nothing is committed, from the states of this job's engine actors."""
-    states = engine_actor_states()
+def stall_message(seconds: float, done: int, total: int, states: Counter, in_flight: int) -> str:
+    """What holds the work when nothing is committed, from the states of this job's engine actors
+    (see `engine_actor_states`) and the number of batches they hold (`in_flight`)."""
     alive, starting = states.get("ALIVE", 0), states.get("PENDING_CREATION", 0) + states.get("RESTARTING", 0)
     if starting:
         stage = f"{starting} engine actor(s) still starting (loading the model), {alive} ready"
+    elif alive and in_flight:
+        stage = (f"{alive} engine actor(s) scoring {in_flight} batch(es), none finished in time (a batch too slow, "
+                 "or a hung engine)")
     elif alive:
-        stage = f"{alive} engine actor(s) scoring, none has finished a batch in time (a batch too slow, or a hung engine)"
+        stage = (f"{alive} engine actor(s) ready and given no batch: the prepare stage (reading the input, building "
+                 "prompts) has not produced one in time")
     else:
         stage = "no engine actor has been placed (the cluster may lack the resources the pool asks for)"
     first = "its first batch" if done == 0 else "a batch since"

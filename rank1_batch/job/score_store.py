@@ -56,7 +56,6 @@ import os
 import re
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -70,6 +69,7 @@ from ..model.prompt import query_text
 from ..schema import LABELS_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA, conform, count_values
 from .checkpoint import identity
 from .lease import STALE_AFTER_SECONDS, Heartbeat, Holder, is_gone, new_holder, read_holder
+from .parallel_reads import in_parallel
 from .storage import Output, is_part_file
 
 FORMAT = "rank1-batch-score-store"
@@ -109,8 +109,6 @@ _NOT_JUDGEMENT = {
 _EARLIEST_FIRST = [(name, "ascending") for name in ("key", "judged_at", "judged_by", "score", "reasoning")]
 _FILE_ORDER = [("query_hash", "ascending"), ("key", "ascending")]
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# Files read at once: object stores answer each request slowly but many in parallel.
-_READERS = 8
 # A file compaction removes between a reader's listing and its read: list again, this often.
 _READ_ATTEMPTS = 3
 
@@ -401,8 +399,8 @@ class ScoreStore:
         """The rows of each (partition, sorted query hashes, keys), every file read in parallel."""
         for attempt in range(1, _READ_ATTEMPTS + 1):
             try:
-                listed = self._map(lambda item: [(path, *item[1:]) for path in self._files(item[0])], wanted)
-                return self._map(lambda read: self._read_file(*read), [read for reads in listed for read in reads])
+                listed = in_parallel(lambda item: [(path, *item[1:]) for path in self._files(item[0])], wanted)
+                return in_parallel(lambda read: self._read_file(*read), [read for reads in listed for read in reads])
             except FileNotFoundError:
                 # compaction removed a file after the listing; its merged file was committed first
                 if attempt == _READ_ATTEMPTS:
@@ -440,12 +438,6 @@ class ScoreStore:
             if path.startswith(prefix) and is_part_file(path):
                 found.setdefault(int(path[len(prefix):].split("/", 1)[0]), []).append((path, info["size"]))
         return found
-
-    def _map(self, function, items: list) -> list:
-        if len(items) < 2:
-            return [function(item) for item in items]
-        with ThreadPoolExecutor(min(_READERS, len(items))) as pool:
-            return list(pool.map(function, items))
 
     # --- writing ---
 
@@ -505,7 +497,7 @@ class ScoreStore:
         keys stored more than once (within a partition, where a key's copies are). Reads the key,
         model and judged_at columns of every file, one partition at a time."""
         files = self._all_files()
-        per_partition = self._map(self._partition_stats, [[path for path, _ in paths] for paths in files.values()])
+        per_partition = in_parallel(self._partition_stats, [[path for path, _ in paths] for paths in files.values()])
         models: Counter = Counter()
         for partition in per_partition:
             models.update(partition["models"])

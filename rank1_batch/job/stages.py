@@ -26,6 +26,7 @@ from ..schema import (
     ERRORS_SCHEMA,
     REASON,
     ROW_HASH,
+    SHARD_PATH,
     SCORES_SCHEMA,
     TRACES_SCHEMA,
     UNSCORED_SCHEMA,
@@ -35,6 +36,7 @@ from ..schema import (
     split_rejects,
     to_contract,
 )
+from .parallel_reads import in_parallel
 from .score_store import JUDGEMENT, KEY_TYPE, ScoreStore, store_keys
 from .storage import Output, content_name
 
@@ -90,7 +92,7 @@ def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, d
     pairs = pairs.filter(pc.invert(pc.is_in(pairs[ROW_HASH], done.rejected_rows)))
     pairs, rejects = split_rejects(pairs, duplicates)
     # only the done keys of this batch's input shards, not the whole output's
-    pairs = pairs.join(done.keys.for_shards(batch["path"]), keys=["query_id", "doc_id"], join_type="left anti")
+    pairs = pairs.join(done.keys.for_shards(batch[SHARD_PATH]), keys=["query_id", "doc_id"], join_type="left anti")
     reranked = top_k_mask(pairs["first_stage_rank"], job.run.top_k)
     tail, pairs = pairs.filter(pc.invert(reranked)), pairs.filter(reranked)
 
@@ -319,16 +321,19 @@ def batch_counts(batch: pa.Table, scored: pa.Table, errors: pa.Table, engine: En
 
 def write_results(scored: pa.Table, errors: pa.Table, name: str, job: JobConfig, output: Output) -> None:
     """Commit a batch: traces and labels first, as a scores file marks its pairs done (and carries
-    their counts in its footer); failed pairs go to errors/, which a re-run does not count as done."""
+    their counts in its footer); failed pairs go to errors/, which a re-run does not count as done.
+    The writes before the scores file go out at once: on object storage each is a round trip."""
     if errors.num_rows:
-        output.write_table("errors", name, errors.cast(ERRORS_SCHEMA))
-    elif output.exists(f"errors/{name}"):  # an earlier attempt of this batch failed where this one did not
-        output.fs.rm(output.path("errors", name))
+        first = [lambda: output.write_table("errors", name, errors.cast(ERRORS_SCHEMA))]
+    else:  # an earlier attempt of this batch may have failed where this one did not
+        first = [lambda: output.remove(f"errors/{name}")]
+    if scored.num_rows and job.run.write_traces:
+        first.append(lambda: output.write_table("traces", name, scored.select(TRACES_SCHEMA.names).cast(TRACES_SCHEMA)))
+    if scored.num_rows and job.run.labels:
+        first.append(lambda: output.write_table(
+            "labels", name, relevance_labels(scored, job.engine.model, job.run.labels_answered_only)))
+    in_parallel(lambda write: write(), first)
     if not scored.num_rows:
         return
-    if job.run.write_traces:
-        output.write_table("traces", name, scored.select(TRACES_SCHEMA.names).cast(TRACES_SCHEMA))
-    if job.run.labels:
-        output.write_table("labels", name, relevance_labels(scored, job.engine.model, job.run.labels_answered_only))
     scores = scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA)
     output.write_table("scores", name, scores, record=commit_record(scores))

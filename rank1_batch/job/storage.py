@@ -6,8 +6,9 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +18,19 @@ import pyarrow.parquet as pq
 
 from ..config import RunConfig
 from ..schema import InputError, conform
+from .parallel_reads import in_parallel
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
-# Files read at once from one directory: object stores answer each request slowly but many in parallel.
-READERS = 16
 # The footer key under which a part file carries what it commits (see `Output.write_table`).
 RECORD_KEY = "rank1_batch.commit"
+# The version of a file that does not exist, for a write that must create it (see `Output.write_bytes_if`).
+ABSENT = ""
+# What S3 answers when a conditional request finds the object otherwise (the second: two at once).
+_CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+class Changed(OSError):
+    """A conditional write or removal found the file other than it expected: another writer was there."""
 
 
 def storage_options(url: str, run: RunConfig) -> dict[str, Any]:
@@ -172,9 +180,7 @@ class Output:
             with self.writing(relative) as handle:
                 handle.write(data)
         else:
-            target = self.path(relative)
-            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(target, data)
+            self.fs.pipe_file(self.path(relative), data)
 
     @property
     def is_local(self) -> bool:
@@ -184,11 +190,12 @@ class Output:
     def writing(self, relative: str):
         """A file to write in pieces, which readers see only once it is whole: on a local
         filesystem written under a hidden name and renamed; for an object store, gathered in a
-        local temporary file and uploaded (an object is visible once its upload completes)."""
+        local temporary file and uploaded (an object is visible once its upload completes; its
+        key needs no directory, so none is made: a request saved on every commit)."""
         target = self.path(relative)
-        directory, name = target.rsplit("/", 1)
-        self.fs.makedirs(directory, exist_ok=True)
         if self.is_local:
+            directory, name = target.rsplit("/", 1)
+            self.fs.makedirs(directory, exist_ok=True)
             staging = f"{directory}/{staging_name(name)}"
             with self.fs.open(staging, "wb") as handle:
                 yield handle
@@ -202,6 +209,10 @@ class Output:
     def files(self, directory: str) -> list[str]:
         return sorted(self._listing(directory))
 
+    def listings(self, *directories: str) -> dict[str, list[str]]:
+        """`files` of each directory, listed at once."""
+        return dict(zip(directories, in_parallel(self.files, list(directories))))
+
     def sizes(self, directory: str) -> dict[str, int]:
         """Each committed part file's name and size in bytes, from one listing."""
         return {path.rsplit("/", 1)[-1]: info["size"] for path, info in self._listing(directory).items()}
@@ -211,8 +222,6 @@ class Output:
         actors) write there, so a listing this process cached earlier may lack their files."""
         base = self.path(directory)
         self.fs.invalidate_cache(base)
-        if not self.fs.exists(base):
-            return {}
         return {path: info for path, info in self.fs.find(base, detail=True).items() if is_part_file(path)}
 
     def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
@@ -225,21 +234,101 @@ class Output:
         """Each committed part file of a directory: the `columns` given (none reads the footer
         alone), with `without_record` as well from a file that carries no record. Files are read
         many at a time: on object storage each costs round trips, not bandwidth."""
+        return in_parallel(lambda path: self.read_part(path, columns, schema, without_record), self.files(directory))
 
-        def read_file(path: str) -> Part:
-            with self.fs.open(path, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                written = record_of(parquet)
-                wanted = [*columns, *(without_record if written is None else ())]
-                # a column added to the layout later is null in files written before it
-                present = [name for name in wanted if name in parquet.schema_arrow.names]
-                # Arrow's own threads on a Python file object can outlive the read and abort the process at exit
-                table = parquet.read(columns=present, use_threads=False) if wanted else None
-            table = None if table is None else conform(table, pa.schema([schema.field(name) for name in wanted]))
-            return Part(table, parquet.metadata.num_rows, written)
+    def read_part(self, path: str, columns: list[str], schema: pa.Schema, without_record: list[str] = ()) -> Part:
+        """One committed part file, as `read_parts` reads each."""
+        with self.fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            written = record_of(parquet)
+            wanted = [*columns, *(without_record if written is None else ())]
+            # a column added to the layout later is null in files written before it
+            present = [name for name in wanted if name in parquet.schema_arrow.names]
+            # Arrow's own threads on a Python file object can outlive the read and abort the process at exit
+            table = parquet.read(columns=present, use_threads=False) if wanted else None
+        table = None if table is None else conform(table, pa.schema([schema.field(name) for name in wanted]))
+        return Part(table, parquet.metadata.num_rows, written)
 
-        with ThreadPoolExecutor(max_workers=READERS) as pool:
-            return list(pool.map(read_file, self.files(directory)))
+    @property
+    def checks_versions(self) -> bool:
+        """Whether the store itself can make a write conditional on a file's version (S3, and
+        stores that speak its API, do: If-None-Match and If-Match)."""
+        return "s3" in self.fs.protocol
+
+    def version(self, relative: str) -> str | None:
+        """What a conditional write of this file is checked against: its ETag on S3, `ABSENT`
+        when there is none; None where the store cannot check (a local file that exists)."""
+        target = self.path(relative)
+        self.fs.invalidate_cache(target)
+        if not self.checks_versions:
+            return None if self.fs.exists(target) else ABSENT
+        try:
+            return self.fs.info(target)["ETag"]
+        except FileNotFoundError:
+            return ABSENT
+
+    def write_bytes_if(self, relative: str, data: bytes, version: str | None) -> str | None:
+        """Write a small file only if it is still at `version` (`ABSENT`: only if there is none),
+        else raise `Changed`; return its new version. S3 checks either condition itself, a local
+        filesystem checks `ABSENT` (a hard link fails on an existing name); with `version` None
+        nothing can be checked and the file is written as by `write_bytes`."""
+        target = self.path(relative)
+        if version is None:
+            self.write_bytes(relative, data)
+            return None
+        if not self.checks_versions:
+            self._create_local(target, data)
+            return None
+        condition = {"IfNoneMatch": "*"} if version == ABSENT else {"IfMatch": version}
+        try:
+            return self.fs.pipe_file(target, data, **condition)["ETag"]
+        except OSError as error:
+            if isinstance(error, FileExistsError) or _failed_condition(error):
+                raise Changed(f"{url_of(self.fs, target)} was changed by another writer") from None
+            raise
+
+    def _create_local(self, target: str, data: bytes) -> None:
+        directory, name = target.rsplit("/", 1)
+        self.fs.makedirs(directory, exist_ok=True)
+        staging = f"{directory}/{staging_name(name)}.{uuid.uuid4().hex}"  # one per writer
+        with open(staging, "wb") as handle:
+            handle.write(data)
+        try:
+            os.link(staging, target)
+        except FileExistsError:
+            raise Changed(f"{target} was created by another writer") from None
+        finally:
+            os.unlink(staging)
+
+    def remove_if(self, relative: str, version: str) -> None:
+        """Remove a file only if it is still at `version` (S3 checks it), else raise `Changed`."""
+        bucket, key, _ = self.fs.split_path(self.path(relative))
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+        except OSError as error:
+            if _failed_condition(error):
+                raise Changed(f"{self.url}/{relative} was changed by another writer") from None
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path(relative))
 
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
+
+    def remove(self, relative: str) -> None:
+        """Remove a file or directory of the output, if it is there."""
+        if self.exists(relative):
+            self.fs.rm(self.path(relative), recursive=True)
+
+    def entries(self) -> list[str]:
+        """The names at the output's top level, listed now (none if it does not exist)."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            return [path.rstrip("/").rsplit("/", 1)[-1] for path in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return []
+
+
+def _failed_condition(error: OSError) -> bool:
+    response = getattr(error.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") in _CONDITION_FAILED
