@@ -78,14 +78,8 @@ def merge(output: Output, directory: str, names: list[str], twins: dict[str, lis
 def _remove(output: Output, directories: list[str], names: list[str]) -> None:
     """The replaced files, in the order of `directories`: twins before the scores file that marks
     them as committed."""
-    def remove(path: str) -> None:
-        try:
-            output.fs.rm(path)
-        except FileNotFoundError:
-            pass
-
     for directory in directories:
-        in_parallel(remove, [output.path(directory, name) for name in names])
+        in_parallel(output.remove_file, [f"{directory}/{name}" for name in names])
 
 
 def finish_interrupted(output: Output) -> None:

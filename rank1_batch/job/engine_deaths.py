@@ -57,4 +57,4 @@ class EngineDeaths:
             self.output.write_bytes(self._relative(batch), json.dumps(asdict(death)).encode())
 
     def clear(self, batch: str) -> None:
-        self.output.remove(self._relative(batch))
+        self.output.remove_file(self._relative(batch))

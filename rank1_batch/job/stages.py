@@ -326,7 +326,7 @@ def write_results(scored: pa.Table, errors: pa.Table, name: str, job: JobConfig,
     if errors.num_rows:
         first = [lambda: output.write_table("errors", name, errors.cast(ERRORS_SCHEMA))]
     else:  # an earlier attempt of this batch may have failed where this one did not
-        first = [lambda: output.remove(f"errors/{name}")]
+        first = [lambda: output.remove_file(f"errors/{name}")]
     if scored.num_rows and job.run.write_traces:
         first.append(lambda: output.write_table("traces", name, scored.select(TRACES_SCHEMA.names).cast(TRACES_SCHEMA)))
     if scored.num_rows and job.run.labels:

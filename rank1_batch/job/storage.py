@@ -315,6 +315,14 @@ class Output:
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
 
+    def remove_file(self, relative: str) -> None:
+        """Remove a file of the output, if it is there: on an object store one request, as
+        removing a missing object succeeds."""
+        try:
+            self.fs.rm_file(self.path(relative))
+        except FileNotFoundError:
+            pass
+
     def remove(self, relative: str) -> None:
         """Remove a file or directory of the output, if it is there."""
         if self.exists(relative):
