@@ -140,7 +140,7 @@ def index_inputs(fs, shards: list[Shard], columns: dict[str, str], num_cpus: flo
     reading = ray.remote(_input_keys).options(num_cpus=num_cpus, num_returns=buckets + 1)
     outputs = [reading.remote(fs, paths, [partition_of_shard[path] for path in paths], columns, buckets)
                for paths in in_groups([shard.path for shard in shards], sum(shard.rows for shard in shards),
-                                       ROWS_PER_READING_TASK)]
+                                      ROWS_PER_READING_TASK)]
     finding = ray.remote(_repeated_in).options(num_cpus=num_cpus)
     repeats = [finding.remote(*(refs[bucket] for refs in outputs)) for bucket in range(buckets)]
     queries = pa.concat_tables(ray.get([refs[buckets] for refs in outputs]))
@@ -182,7 +182,7 @@ def index_done(output: Output, inputs: InputKeys, num_cpus: float) -> DoneKeys:
     per input partition."""
     import ray
 
-    paths = [path for paths in output.listings("scores", "unscored").values() for path in paths]
+    paths = [path for listed in output.listings("scores", "unscored").values() for path in listed]
     if not paths:
         return DoneKeys((), 0, inputs.partition_of_shard)
     partitions = inputs.partitions

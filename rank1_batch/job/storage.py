@@ -257,15 +257,16 @@ class Output:
 
     def version(self, relative: str) -> str | None:
         """What a conditional write of this file is checked against: its ETag on S3, `ABSENT`
-        when there is none; None where the store cannot check (a local file that exists)."""
+        when there is none (on S3 or a local filesystem); None where the store cannot check (a
+        local file that exists, any file of another store)."""
         target = self.path(relative)
         self.fs.invalidate_cache(target)
-        if not self.checks_versions:
-            return None if self.fs.exists(target) else ABSENT
-        try:
-            return self.fs.info(target)["ETag"]
-        except FileNotFoundError:
-            return ABSENT
+        if self.checks_versions:
+            try:
+                return self.fs.info(target)["ETag"]
+            except FileNotFoundError:
+                return ABSENT
+        return ABSENT if self.is_local and not self.fs.exists(target) else None
 
     def write_bytes_if(self, relative: str, data: bytes, version: str | None) -> str | None:
         """Write a small file only if it is still at `version` (`ABSENT`: only if there is none),
@@ -276,7 +277,7 @@ class Output:
         if version is None:
             self.write_bytes(relative, data)
             return None
-        if not self.checks_versions:
+        if self.is_local:  # `ABSENT` (see `version`)
             self._create_local(target, data)
             return None
         condition = {"IfNoneMatch": "*"} if version == ABSENT else {"IfMatch": version}
