@@ -95,13 +95,13 @@ def with_fit_settled(output: Output, job: JobConfig) -> JobConfig:
     return dataclasses.replace(job, engine=dataclasses.replace(job.engine, fit=fit))
 
 
-def check_output(output: Output, job: JobConfig) -> None:
+def check_output(output: Output, job: JobConfig) -> list[str]:
     """Refuse, before anything is written, an output this job may not use: one that holds
     something other than a rank1-batch output, or one made with another configuration (unless
-    `overwrite`). Reads only."""
+    `overwrite`). Reads only; returns the names at the output's top level, but the lease."""
     entries = [name for name in output.entries() if name != LEASE_FILE]
     if not entries:
-        return
+        return entries
     if JOB_FILE not in entries:
         shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise NotAnOutput(
@@ -115,13 +115,14 @@ def check_output(output: Output, job: JobConfig) -> None:
                 f"{output.url} was made with another job configuration ({'; '.join(changed)}); "
                 "run with --overwrite to replace that run's outputs, or choose another --output"
             )
+    return entries
 
 
 def open_output(output: Output, job: JobConfig) -> None:
     """Claim a checked output for this job (the caller holds its lease), and leave in it only
     what a resume keeps. With `overwrite`, the previous run's outputs (the layout's paths,
     nothing else) are removed first."""
-    check_output(output, job)
+    present = set(check_output(output, job))
     if job.run.overwrite:
         # with the hidden copy a killed write of a top-level file leaves (see `Output.write_bytes`)
         removed = [*LAYOUT, *(staging_name(name) for name in LAYOUT)]
@@ -129,7 +130,6 @@ def open_output(output: Output, job: JobConfig) -> None:
         # errors/ holds pairs this run scores again, and engine deaths count within one run; a
         # finished run's manifest is rewritten at the end
         removed = [MANIFEST, "errors", DEATHS_DIR]
-    present = set(output.entries())
     in_parallel(lambda name: output.fs.rm(output.path(name), recursive=True), [name for name in removed if name in present])
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())
     finish_interrupted(output)

@@ -203,13 +203,13 @@ class Lease:
         try:
             self.heartbeat.write(version)
         except Changed:
-            raise self._taken() from None
+            raise self._taken(self.current()) from None
         try:
             if version is None:  # the store could not check the write: read it back
                 time.sleep(SETTLE_SECONDS)
                 held = self.current()
                 if held is None or held.run_id != self.holder.run_id:
-                    raise self._taken()
+                    raise self._taken(held)
             self.heartbeat.start()
         except BaseException:  # a signal or a lost race: leave nothing of ours behind
             self.release()
@@ -232,8 +232,7 @@ class Lease:
         return OutputInUse(f"{self.output.url} is held by {held.describe()}; wait for it to end, or choose "
                            "another --output")
 
-    def _taken(self) -> OutputInUse:
-        held = self.current()
+    def _taken(self, held: Holder | None) -> OutputInUse:
         return OutputInUse(f"{self.output.url} was taken by {held.describe() if held else 'another run'} at the "
                            "same moment; choose another --output")
 

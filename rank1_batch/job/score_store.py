@@ -425,9 +425,7 @@ class ScoreStore:
         return conform(rows.filter(pc.is_in(rows["key"], value_set=keys)), STORE_SCHEMA)
 
     def _files(self, partition: int) -> list[str]:
-        directory = _partition_dir(partition)
-        self.output.fs.invalidate_cache(self.output.path(directory))  # another process may have written
-        return self.output.files(directory)
+        return self.output.files(_partition_dir(partition))  # listed now: another process may have written
 
     def _all_files(self) -> dict[int, list[tuple[str, int]]]:
         """Each used partition's committed files, with their sizes, from one listing of the store."""

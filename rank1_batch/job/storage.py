@@ -308,7 +308,7 @@ class Output:
             self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
         except OSError as error:
             if _failed_condition(error):
-                raise Changed(f"{self.url}/{relative} was changed by another writer") from None
+                raise Changed(f"{url_of(self.fs, self.path(relative))} was changed by another writer") from None
             raise
         finally:
             self.fs.invalidate_cache(self.path(relative))
