@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py                       # 100k, 1M, 10M pairs; on S3 too at 100k and 1M
     .venv/bin/python benchmarks/scale.py --sizes 100000,1000000 --s3-sizes 100000 [--latency-ms 20] [--json FILE]
+    .venv/bin/python benchmarks/scale.py --sizes 100000 --written-sizes 1000000,10000000
     .venv/bin/python benchmarks/scale.py --latency-compare [--pairs 300 --batch-size 4 --latency-ms 100]
 
 The engine is a stand-in that answers every pair at once with one fixed generation (a benchmark
@@ -21,6 +22,11 @@ from every client (driver and workers):
     rank      the committed scores read, ranked/ and run.trec written
     manifest  _manifest.json written
     other     the rest of the run: checks, the tokenizer, placement, the lease
+
+A size in --written-sizes is measured as a re-run only, of an output the benchmark writes itself
+first: each input shard cut into batches and each batch committed through the run's own commit
+(`stages.write_results`, in one process per core) with the stand-in's generation, so with the files
+a first run leaves, without building prompts (about 1 ms a pair here: 10M pairs would take hours).
 
 Then, between consecutive sizes, each phase's time ratio and that ratio over the pairs' ratio
 (at most 1: at most linear), and the same for the driver's memory growth. The S3 server is
@@ -45,6 +51,8 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+
+from concurrent.futures import ProcessPoolExecutor
 
 import click
 
@@ -80,6 +88,7 @@ QUERY_WORDS = (6, 10)
 # What the stand-in engine answers for every pair.
 REASONING = "The passage names what the query asks for, so it is relevant."
 REASONING_TOKENS = 14
+PROMPT_TOKENS = 350  # about what the synthetic pairs' prompts take (a written output's prompt_tokens)
 
 
 # The stand-ins, in every Ray worker (the setup hook) and in the driver.
@@ -310,6 +319,8 @@ def start_ray() -> None:
 @click.group(invoke_without_command=True)
 @click.option("--sizes", default="100000,1000000,10000000", show_default=True, help="Pairs of each size, comma-separated.")
 @click.option("--s3-sizes", help="Sizes also run on S3 (default: the first two --sizes; \"\" for none).")
+@click.option("--written-sizes", default="", help="Sizes measured on local disk as a re-run only, of an output "
+              "the benchmark commits itself (see above), comma-separated.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="The run's --batch-size (default 256; 4 with --latency-compare).")
 @click.option("--latency-ms", type=click.FloatRange(min=0),
               help="Added before each S3 request (default 0; 100 with --latency-compare).")
@@ -318,7 +329,8 @@ def start_ray() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic input.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure here.")
 @click.pass_context
-def main(context, sizes, s3_sizes, batch_size, latency_ms, latency_compare, pairs, seed, json_file) -> None:
+def main(context, sizes, s3_sizes, written_sizes, batch_size, latency_ms, latency_compare, pairs, seed,
+         json_file) -> None:
     if context.invoked_subcommand:
         return
     check_names()
@@ -327,7 +339,7 @@ def main(context, sizes, s3_sizes, batch_size, latency_ms, latency_compare, pair
     else:
         local = size_list(sizes)
         s3 = local[:2] if s3_sizes is None else size_list(s3_sizes)
-        figures = scale(local, s3, batch_size or 256, latency_ms or 0, seed)
+        figures = scale(local, s3, size_list(written_sizes), batch_size or 256, latency_ms or 0, seed)
     if json_file:
         json_file.write_text(json.dumps(figures, indent=2))
         print(f"\nfigures written to {json_file}")
@@ -348,8 +360,10 @@ def size_list(text: str) -> list[int]:
 @click.option("--storage", type=click.Choice(["local", "s3"]), required=True)
 @click.option("--batch-size", type=int, required=True)
 @click.option("--latency-ms", type=float, default=0)
-def measure(input_dir: Path, storage: str, batch_size: int, latency_ms: float) -> None:
-    """Two runs of one size into one output, here; the figures printed as one JSON line."""
+@click.option("--written", is_flag=True, help="Measure a re-run of an output committed here first.")
+def measure(input_dir: Path, storage: str, batch_size: int, latency_ms: float, written: bool) -> None:
+    """Two runs of one size into one output (or a re-run of a written one), here; the figures
+    printed as one JSON line."""
     import ray
 
     with (tempfile.TemporaryDirectory(prefix="rank1-scale-") as work,
@@ -362,23 +376,64 @@ def measure(input_dir: Path, storage: str, batch_size: int, latency_ms: float) -
             job = job_config(upload(input_dir, server), f"s3://{BUCKET}/output", batch_size, server.endpoint)
         else:
             job = job_config(str(input_dir), str(Path(work) / "output"), batch_size, None)
+        written_seconds = write_committed(job, input_dir, batch_size) if written else None
         start_ray()
         try:
             install_stand_ins()
             meter = Meter(server)
             meter.install()
-            runs = [meter.run(job, timings) for _ in range(2)]
+            runs = [None, meter.run(job, timings)] if written else [meter.run(job, timings) for _ in range(2)]
         finally:
             ray.shutdown()
-    print(MARK + json.dumps({"pairs": runs[0]["counts"]["input"], "storage": storage, "batch_size": batch_size,
-                             "latency_ms": latency_ms, "runs": runs}), flush=True)
+    print(MARK + json.dumps({"pairs": runs[1]["counts"]["input"], "storage": storage, "batch_size": batch_size,
+                             "latency_ms": latency_ms, "written": written, "written_seconds": written_seconds,
+                             "runs": runs}), flush=True)
 
 
-def measure_in_process(input_dir: Path, storage: str, batch_size: int, latency_ms: float) -> dict:
+def write_committed(job, input_dir: Path, batch_size: int) -> float:
+    """The output a first run leaves, written without the run: the output opened for the job,
+    then each input shard's batches committed through the run's commit, a process per core.
+    Returns the seconds it took."""
+    from rank1_batch.job.checkpoint import open_output, with_fit_settled
+    from rank1_batch.job.storage import Output
+
+    started = time.perf_counter()
+    output = Output(job.run.output, job.run)
+    open_output(output, with_fit_settled(output, job))
+    shards = sorted(input_dir.glob("*.parquet"))
+    print(f"committing {len(shards)} shards' batches ...", flush=True)
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(functools.partial(commit_shard, job, batch_size), shards))
+    return time.perf_counter() - started
+
+
+def commit_shard(job, batch_size: int, shard: Path) -> None:
+    """A shard's pairs committed in batches of `batch_size`, each scored with the stand-in's
+    generation and written by `stages.write_results`, as a run's engine actor writes it."""
+    import pyarrow.parquet as pq
+
+    from rank1_batch.job import stages
+    from rank1_batch.job.storage import Output, content_name
+    from rank1_batch.model.encoding import EncodedPrompt
+    from rank1_batch.schema import conform, to_contract
+
+    output = Output(job.run.output, job.run)
+    generation = StandInEngine(job.engine, None).generation
+    pairs = to_contract(pq.read_table(shard), job.run.columns)
+    encoded = EncodedPrompt([0] * PROMPT_TOKENS, truncated=False)
+    for start in range(0, pairs.num_rows, batch_size):
+        batch = conform(pairs.slice(start, batch_size), stages.PROMPTS_SCHEMA)
+        scored, errors = stages.score_table(batch, [encoded] * batch.num_rows, [generation] * batch.num_rows,
+                                            job.scoring.threshold)
+        stages.write_results(scored, errors, content_name(batch["query_id"], batch["doc_id"]), job, output)
+
+
+def measure_in_process(input_dir: Path, storage: str, batch_size: int, latency_ms: float, written: bool = False) -> dict:
     """One size's figures from a process of its own, so that the driver's memory and Ray start clean."""
-    print(f"{input_dir.name} on {storage}{f' (+{latency_ms:g} ms a request)' if latency_ms else ''} ...", flush=True)
+    print(f"{input_dir.name} on {storage}{' (written, then re-run)' if written else ''}"
+          f"{f' (+{latency_ms:g} ms a request)' if latency_ms else ''} ...", flush=True)
     command = [sys.executable, __file__, "measure", "--input", str(input_dir), "--storage", storage,
-               "--batch-size", str(batch_size), "--latency-ms", str(latency_ms)]
+               "--batch-size", str(batch_size), "--latency-ms", str(latency_ms), *(["--written"] if written else [])]
     with tempfile.NamedTemporaryFile("w+", prefix="rank1-scale-", suffix=".log", delete=False) as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
         log.seek(0)
@@ -461,12 +516,14 @@ def shard(vocabulary, start: int, rows: int, rng):
 
 # Reports.
 
-def scale(local: list[int], s3: list[int], batch_size: int, latency_ms: float, seed: int) -> dict:
+def scale(local: list[int], s3: list[int], written: list[int], batch_size: int, latency_ms: float, seed: int) -> dict:
     results = []
-    for pairs in sorted(set(local) | set(s3)):
+    for pairs in sorted(set(local) | set(s3) | set(written)):
         directory = input_pairs(pairs, seed)
         results += [measure_in_process(directory, storage, batch_size, latency_ms)
                     for storage, sizes in (("local", local), ("s3", s3)) if pairs in sizes]
+        if pairs in written:
+            results.append(measure_in_process(directory, "local", batch_size, latency_ms, written=True))
     for result in results:
         print_size(result)
     growth = growth_factors(results)
@@ -502,21 +559,29 @@ def cells(row: dict | None, s3: bool) -> str:
     return text + (f" {sum(requests.values()) if requests is not None else '-':>7}" if s3 else "")
 
 
+def series(result: dict) -> str:
+    """The sizes a result is compared with: those of its storage, or the other written ones."""
+    return "local, written" if result.get("written") else result["storage"]
+
+
 def print_size(result: dict) -> None:
     s3 = result["storage"] == "s3"
     where = f"S3 (moto, +{result['latency_ms']:g} ms a request)" if s3 else "local disk"
     print(f"\n{result['pairs']:,} pairs on {where}, batch size {result['batch_size']}")
+    if result.get("written"):
+        print(f"  run 1: not run; its output written through the run's commit in {result['written_seconds']:.0f} s")
     for number, run in enumerate(result["runs"], 1):
-        counts = run["counts"]
-        print(f"  run {number}: {counts['scored']:,} scored, {counts['unscored']:,} unscored, "
-              f"{counts['rejected']:,} rejected, {counts['errors']:,} errors")
+        if run is not None:
+            counts = run["counts"]
+            print(f"  run {number}: {counts['scored']:,} scored, {counts['unscored']:,} unscored, "
+                  f"{counts['rejected']:,} rejected, {counts['errors']:,} errors")
     width = len(cells(None, s3))
     print(f"{'':26s} {'run 1: empty output':<{width}s} | run 2: re-run of the finished output")
     heading = f"{'wall s':>8} {'peak MiB':>9} {'growth MiB':>10}" + (f" {'S3 req':>7}" if s3 else "")
     print(f"{'phase':26s} {heading} | {heading}")
-    rows = [phase_rows(run) for run in result["runs"]]
-    for name in rows[0]:
-        print(f"{name:26s} {cells(rows[0][name], s3)} | {cells(rows[1][name], s3)}")
+    rows = [phase_rows(run) if run is not None else {} for run in result["runs"]]
+    for name in rows[0] or rows[1]:
+        print(f"{name:26s} {cells(rows[0].get(name), s3)} | {cells(rows[1].get(name), s3)}")
     print("(workers): seconds summed over the Ray workers' calls, within stream; other: the run outside the phases")
 
 
@@ -526,24 +591,27 @@ def ratio(larger: float | None, smaller: float | None, floor: float) -> float | 
 
 
 def growth_factors(results: list[dict]) -> list[dict]:
-    """Per storage and run, between consecutive sizes: each phase's time and memory growth ratios."""
+    """Per series (see `series`) and run, between consecutive sizes: each phase's time and memory
+    growth ratios."""
     found = []
-    for storage in ("local", "s3"):
-        ordered = sorted((result for result in results if result["storage"] == storage), key=lambda r: r["pairs"])
+    for name in dict.fromkeys(series(result) for result in results):
+        ordered = sorted((result for result in results if series(result) == name), key=lambda r: r["pairs"])
         for smaller, larger in zip(ordered, ordered[1:]):
             pairs = larger["pairs"] / smaller["pairs"]
             for number, (before, after) in enumerate(zip(smaller["runs"], larger["runs"]), 1):
+                if before is None or after is None:
+                    continue
                 rows_before, rows_after = phase_rows(before), phase_rows(after)
                 phases = {}
-                for name in rows_before:
-                    old, new = rows_before[name] or {}, rows_after[name] or {}
+                for phase in rows_before:
+                    old, new = rows_before[phase] or {}, rows_after[phase] or {}
                     time_ratio = ratio(new.get("seconds"), old.get("seconds"), 0.001)
                     memory_ratio = ratio(new.get("growth_mib"), old.get("growth_mib"), 1)  # below 1 MiB: noise
-                    phases[name.strip()] = {
+                    phases[phase.strip()] = {
                         "time": time_ratio, "time_per_pairs": time_ratio and time_ratio / pairs,
                         "memory": memory_ratio, "memory_per_pairs": memory_ratio and memory_ratio / pairs,
                     }
-                found.append({"storage": storage, "run": number, "from": smaller["pairs"], "to": larger["pairs"],
+                found.append({"storage": name, "run": number, "from": smaller["pairs"], "to": larger["pairs"],
                               "phases": phases})
     return found
 

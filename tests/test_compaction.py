@@ -65,7 +65,7 @@ def every_pair_once(output: Output, job) -> None:
 
 def test_a_merge_replaces_a_group_and_its_twins_by_one_file_each(ray_session, tmp_path):
     output, job = committed_batches(tmp_path)
-    merge(output, "scores", NAMES, {"traces": NAMES})
+    merge(output, "scores", output.sizes("scores"), {"traces": output.sizes("traces")})
     merged = compacted_name(NAMES)
     assert part_names(output, "scores") == part_names(output, "traces") == [merged]
     record = json.loads(pq.read_schema(output.path("scores", merged)).metadata[b"rank1_batch.commit"])
@@ -77,7 +77,7 @@ def test_a_kill_after_the_merged_twins_and_before_the_commit_leaves_the_batches(
     output, job = committed_batches(tmp_path)
     out, saved = tmp_path / "out", tmp_path / "saved"
     shutil.copytree(out, saved)
-    merge(output, "scores", NAMES, {"traces": NAMES})
+    merge(output, "scores", output.sizes("scores"), {"traces": output.sizes("traces")})
     merged = compacted_name(NAMES)
     # the state a kill leaves between the merged traces file and its scores file
     merged_traces = (out / "traces" / merged).read_bytes()
@@ -93,7 +93,7 @@ def test_a_kill_while_the_replaced_files_are_removed_is_finished_by_the_resume(r
     output, job = committed_batches(tmp_path)
     saved = tmp_path / "saved"
     shutil.copytree(tmp_path / "out", saved)
-    merge(output, "scores", NAMES, {"traces": NAMES})
+    merge(output, "scores", output.sizes("scores"), {"traces": output.sizes("traces")})
     # the state a kill leaves after the commit, with the first trace removed and nothing else
     for directory in ("scores", "traces"):
         for name in NAMES[1:] if directory == "traces" else NAMES:

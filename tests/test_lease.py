@@ -12,7 +12,7 @@ import boto3
 import pytest
 
 from rank1_batch.config import RunConfig
-from rank1_batch.job.lease import LEASE_FILE, Heartbeat, Lease, OutputInUse, new_holder, read_holder
+from rank1_batch.job.lease import LEASE_FILE, Heartbeat, Lease, LeaseWatch, OutputInUse, new_holder, read_holder
 from rank1_batch.job.storage import ABSENT, Changed, Output
 
 
@@ -90,8 +90,10 @@ def test_on_s3_every_write_of_the_lease_is_conditional(s3_output):
     assert not output.exists(LEASE_FILE)
 
 
-def test_on_s3_a_run_whose_lease_was_taken_over_leaves_its_successor_alone(s3_output):
-    output = s3_output
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_run_whose_lease_was_taken_over_leaves_its_successor_alone(store, tmp_path, request):
+    """S3 refuses the renewal itself; on local disk the renewal reads the lease first."""
+    output = request.getfixturevalue("s3_output") if store == "s3" else Output(str(tmp_path), RunConfig())
     lease = Lease(output, stale_after=0.4)  # renewed every 0.1 s
     lease.acquire()
     successor = elsewhere("next0run")
@@ -102,3 +104,22 @@ def test_on_s3_a_run_whose_lease_was_taken_over_leaves_its_successor_alone(s3_ou
     assert lease.heartbeat.lost.is_set()
     lease.release()
     assert read_holder(output, LEASE_FILE) == successor
+
+
+def test_a_runs_workers_stop_writing_once_its_lease_is_taken_or_no_longer_renewed(tmp_path):
+    output = Output(str(tmp_path), RunConfig())
+    with Lease(output, stale_after=2.0) as lease:  # renewed every 0.5 s
+        watch = LeaseWatch(output, lease.holder.run_id, stale_after=2.0)  # reads every 0.17 s
+        time.sleep(1.2)  # past half the limit: the renewals keep the lease held
+        assert watch.lost() is None
+        place(output, elsewhere("next0run"))
+        deadline = time.monotonic() + 5
+        while watch.lost() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "held by run next0run" in watch.lost()
+    # a driver that stalls: its workers stop at half the limit, before any successor may take over
+    place(output, new_holder("stalled0run"))
+    watch = LeaseWatch(output, "stalled0run", stale_after=2.0)
+    assert watch.lost() is None
+    time.sleep(1.1)
+    assert "was last renewed 1 s ago" in watch.lost()

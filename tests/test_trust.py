@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -236,6 +237,38 @@ def test_a_stall_names_the_stage_that_holds_the_work():
     assert stage({"ALIVE": 2}, 3).startswith("2 engine actor(s) scoring 3 batch(es)")
     assert "the prepare stage (reading the input, building prompts)" in stage({"ALIVE": 2}, 0)
     assert stage({}, 0).startswith("no engine actor has been placed")
+
+
+def test_a_run_whose_output_is_taken_over_stops_writing_and_leaves_the_successor(ray_session, tmp_path):
+    """Another run takes the output over, as one does after this run's heartbeat stalled past
+    --lease-timeout: no batch is committed after the run's workers next look at the lease (every
+    3.3 s here; the driver's own renewal, every 10 s, would notice later), the run fails, and the
+    successor's lease stays."""
+    write_shards(candidate_lists(queries=10, per_query=10, seed=12).drop_columns(["relevant"]), tmp_path / "input",
+                 shards=1)
+    output = tmp_path / "out"
+    taken = []
+
+    def take_over():
+        deadline = time.monotonic() + 300
+        while not list((output / "scores").glob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        successor = {"run_id": "next0run", "host": "another-head", "pid": 1, "process_started": 0.0,
+                     "started": time.time(), "heartbeat": time.time()}
+        (output / "_lease.json").write_text(json.dumps(successor))
+        taken.append(time.time())
+
+    thread = threading.Thread(target=take_over, daemon=True)
+    thread.start()
+    stopped = CliRunner().invoke(main, ["run", "--input", str(tmp_path / "input"), "--output", str(output),
+                                        *tiny_run_options(batch_size=2, lease_timeout=40)])
+    thread.join(timeout=10)
+    assert stopped.exit_code != 0 and taken
+    assert "held by run next0run" in stopped.output or "another run took over" in stopped.output, stopped.output
+    committed = list((output / "scores").glob("*.parquet"))
+    assert len(committed) < 50  # of the 50 batches
+    assert not [path.name for path in committed if path.stat().st_mtime > taken[0] + 5]
+    assert json.loads((output / "_lease.json").read_text())["run_id"] == "next0run"
 
 
 def test_sigterm_releases_the_output(tmp_path):

@@ -147,5 +147,5 @@ def _remove_orphans(output: Output) -> None:
     """Trace and label files whose scores file was never committed: their pairs will be redone."""
     listed = output.listings("scores", "traces", "labels")
     committed = {path.rsplit("/", 1)[-1] for path in listed["scores"]}
-    in_parallel(output.fs.rm, [path for path in listed["traces"] + listed["labels"]
+    in_parallel(output.fs.rm, [path for path in [*listed["traces"], *listed["labels"]]
                                if path.rsplit("/", 1)[-1] not in committed])

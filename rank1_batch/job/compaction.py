@@ -52,24 +52,26 @@ def groups(sizes: dict[str, int], target: int = TARGET_BYTES) -> list[list[str]]
     return [group for group in found if len(group) > 1]
 
 
-def _read(output: Output, directory: str, names: list[str]) -> pa.Table:
+def _read(output: Output, directory: str, sizes: dict[str, int]) -> pa.Table:
+    """The files of a directory named in `sizes` (with their sizes) as one table."""
     def read(name: str) -> pa.Table:
-        with output.fs.open(output.path(directory, name), "rb") as handle:
+        with output.open_part(output.path(directory, name), sizes[name]) as handle:
             return pq.read_table(handle, use_threads=False).replace_schema_metadata(None)
 
-    tables = in_parallel(read, names)
+    tables = in_parallel(read, list(sizes))
     # files written before a column was added to the layout lack it: nulls there
     return pa.concat_tables(tables, promote_options="default")
 
 
-def merge(output: Output, directory: str, names: list[str], twins: dict[str, list[str]]) -> None:
-    """Merge one group: its twins' files first (`twins`: the names each twin directory holds), the
-    commit next, then remove what it replaces."""
+def merge(output: Output, directory: str, group: dict[str, int], twins: dict[str, dict[str, int]]) -> None:
+    """Merge one group (its files' names and sizes): its twins' files first (`twins`: those each
+    twin directory holds), the commit next, then remove what it replaces."""
+    names = list(group)
     merged = compacted_name(names)
     for twin, present in twins.items():
         if present:
             output.write_table(twin, merged, _read(output, twin, present))
-    table = _read(output, directory, names)
+    table = _read(output, directory, group)
     record = commit_record(table) if directory == "scores" else {}
     output.write_table(directory, merged, table, record={**record, "replaces": names})
     _remove(output, [*twins, directory], names)
@@ -84,10 +86,10 @@ def _remove(output: Output, directories: list[str], names: list[str]) -> None:
 
 def finish_interrupted(output: Output) -> None:
     """Remove the files that a committed merged file replaces, where a kill left them behind."""
-    for directory, paths in output.listings(*DIRECTORIES).items():
-        for path in paths:
+    for directory, listed in output.listings(*DIRECTORIES).items():
+        for path, size in listed.items():
             if path.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX):
-                with output.fs.open(path, "rb") as handle:
+                with output.open_part(path, size) as handle:
                     replaced = record_of(pq.ParquetFile(handle))["replaces"]
                 _remove(output, [*(TWINS if directory == "scores" else ()), directory], replaced)
 
@@ -104,13 +106,14 @@ def compact(output: Output, merge_cpus: float) -> dict[str, tuple[int, int]]:
     weights = {name: size + sum(sizes[twin].get(name, 0) for twin in TWINS) for name, size in sizes["scores"].items()}
     planned = {directory: groups(weights if directory == "scores" else sizes[directory]) for directory in DIRECTORIES}
 
-    def twins_of(directory: str, group: list[str]) -> dict[str, list[str]]:
+    def twins_of(directory: str, group: list[str]) -> dict[str, dict[str, int]]:
         if directory != "scores":
             return {}
-        return {twin: [name for name in group if name in sizes[twin]] for twin in TWINS}
+        return {twin: {name: sizes[twin][name] for name in group if name in sizes[twin]} for twin in TWINS}
 
     task = ray.remote(num_cpus=merge_cpus)(merge)
-    ray.get([task.remote(output, directory, group, twins_of(directory, group))
+    ray.get([task.remote(output, directory, {name: sizes[directory][name] for name in group},
+                         twins_of(directory, group))
              for directory, found in planned.items() for group in found])
     counts = {directory: (len(sizes[directory]), len(sizes[directory]) - sum(len(group) - 1 for group in found))
               for directory, found in planned.items()}

@@ -96,14 +96,14 @@ def _repeated_in(*tables: pa.Table) -> pa.Table:
     return repeated(pa.concat_tables(tables))
 
 
-def _done_keys(output: Output, paths: list[str], queries: pa.Table, partitions: int) -> list:
-    """A reading task over committed part files: their keys in one table per input partition
-    that holds the key's query, and how many keys it read."""
-    def read(path: str) -> pa.Table:
-        with output.fs.open(path, "rb") as handle:
+def _done_keys(output: Output, files: list[tuple[str, int]], queries: pa.Table, partitions: int) -> list:
+    """A reading task over committed part files (each a path and its size): their keys in one
+    table per input partition that holds the key's query, and how many keys it read."""
+    def read(file: tuple[str, int]) -> pa.Table:
+        with output.open_part(*file) as handle:
             return pq.read_table(handle, columns=KEY_SCHEMA.names, use_threads=False).cast(KEY_SCHEMA)
 
-    keys = pa.concat_tables([KEY_SCHEMA.empty_table(), *in_parallel(read, paths)])
+    keys = pa.concat_tables([KEY_SCHEMA.empty_table(), *in_parallel(read, files)])
     placed = keys.join(queries, "query_id", join_type="inner").select([*KEY_SCHEMA.names, "partition"])
     numbers = placed["partition"].to_numpy()
     return [*(part.select(KEY_SCHEMA.names) for part in split(placed, numbers, partitions)), keys.num_rows]
@@ -182,14 +182,14 @@ def index_done(output: Output, inputs: InputKeys, num_cpus: float) -> DoneKeys:
     per input partition."""
     import ray
 
-    paths = [path for listed in output.listings("scores", "unscored").values() for path in listed]
-    if not paths:
+    files = [file for listed in output.listings("scores", "unscored").values() for file in listed.items()]
+    if not files:
         return DoneKeys((), 0, inputs.partition_of_shard)
     partitions = inputs.partitions
     queries = ray.put(inputs.queries)
     reading = ray.remote(_done_keys).options(num_cpus=num_cpus, num_returns=partitions + 1)
     outputs = [reading.remote(output, group, queries, partitions)
-               for group in in_groups(paths, len(paths), FILES_PER_READING_TASK)]
+               for group in in_groups(files, len(files), FILES_PER_READING_TASK)]
     joining = ray.remote(_concatenated).options(num_cpus=num_cpus)
     refs = tuple(joining.remote(*(parts[number] for parts in outputs)) for number in range(partitions))
     return DoneKeys(refs, sum(ray.get([parts[partitions] for parts in outputs])), inputs.partition_of_shard)

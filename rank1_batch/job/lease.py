@@ -9,6 +9,11 @@ on a new head) is watched: a heartbeat that advances is a live run, refused; one
 the limit is a dead one, taken over. So a retry waits at most the stale limit, and fails none of
 its attempts on a lease its predecessor left.
 
+The run's workers stop writing once its lease is lost. A `LeaseWatch` (in the run's batch gate)
+reads the lease every few seconds; a batch or set-aside rows are written only while it names this
+run with a heartbeat younger than half the stale limit. A successor takes over only past the whole
+limit, so a run whose driver stalls stops committing before another run can start.
+
 Taking a lease reads its version, then the holder, then writes on condition of that version. On
 S3 (and stores that honour its If-None-Match and If-Match headers, as MinIO does) the store checks
 the condition itself: of two runs that start within the same instant exactly one writes, and the
@@ -135,6 +140,10 @@ class Heartbeat:
         while not self._stop.wait(renewal_seconds(self.stale_after)):
             self.holder = Holder(**{**asdict(self.holder), "heartbeat": time.time()})
             try:
+                if self.version is None:  # the store cannot check the write: see that it is still ours first
+                    held = read_holder(self.output, self.relative)
+                    if held is None or not held.is_same_process(self.holder):
+                        raise Changed(self.relative)
                 self.write()
             except Changed:
                 version, held = self.output.version(self.relative), read_holder(self.output, self.relative)
@@ -245,3 +254,33 @@ class Lease:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+class LeaseWatch:
+    """Whether a run still holds its output, as its workers must know before each write: the
+    lease, read by a thread every few seconds, names the run, with a heartbeat younger than half
+    the stale limit (a read that fails leaves the last record read, which ages)."""
+
+    def __init__(self, output: Output, run_id: str, stale_after: float = STALE_AFTER_SECONDS):
+        self.output, self.run_id, self.stale_after = output, run_id, stale_after
+        self.held: Holder | None = read_holder(output, LEASE_FILE)
+        threading.Thread(target=self._read, name="lease-watch", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            time.sleep(renewal_seconds(self.stale_after) / 3)
+            try:
+                self.held = read_holder(self.output, LEASE_FILE)
+            except OSError as error:
+                log.warning("could not read %s in %s: %s", LEASE_FILE, self.output.url, error)
+
+    def lost(self) -> str | None:
+        """Why the run may no longer write its output, or None while it holds it."""
+        held = self.held
+        if held is None or held.run_id != self.run_id:
+            return f"{self.output.url} is now held by {held.describe() if held else 'no run'}"
+        age = time.time() - held.heartbeat
+        if age >= self.stale_after / 2:
+            return (f"this run's lease on {self.output.url} was last renewed {age:.0f} s ago, and another run may "
+                    f"take it over after --lease-timeout {self.stale_after:g} s")
+        return None

@@ -61,39 +61,41 @@ def commit_record(scores: pa.Table) -> dict:
 @dataclass(frozen=True)
 class Committed:
     """What an output holds once every pair is done, from one pass over its part files: the
-    counts, and the candidates to rank when they were asked for."""
+    counts, and the candidates to rank (RANKING_COLUMNS of scored and unscored pairs): one table,
+    or one object reference per reading task to a table in Ray's object store."""
 
-    candidates: pa.Table | None  # RANKING_COLUMNS of scored and unscored pairs
+    candidates: pa.Table | list
     counts: dict
 
 
-def read_committed(output: Output, input_rows: int, num_cpus: float, candidates: bool = True) -> Committed:
+def read_committed(output: Output, input_rows: int, num_cpus: float, in_object_store: bool = False) -> Committed:
     """One read of each part file of the `COUNTED_DIRECTORIES`: for its record (scores/) or its
-    footer's row count, and its ranking columns when the candidates are asked for. An output of
-    more files than one process reads quickly is read by Ray tasks (of `num_cpus` each), a group
-    of files each, so that its reads' round trips overlap across the cluster."""
+    footer's row count, and its ranking columns. An output of more files than one process reads
+    quickly is read by Ray tasks (of `num_cpus` each), a group of files each, so that its reads'
+    round trips overlap across the cluster; so is any output whose candidates are to stay
+    `in_object_store`, where those tasks leave them (unless it has no part file at all)."""
     listed = output.listings(*COUNTED_DIRECTORIES)
-    files = [(directory, path) for directory, paths in listed.items() for path in paths]
+    files = [(directory, path, size) for directory, sizes in listed.items() for path, size in sizes.items()]
     groups = in_groups(files, len(files), FILES_PER_READING_TASK)
-    if len(groups) > 1:
-        import ray
+    if not groups or (len(groups) == 1 and not in_object_store):
+        committed = committed_in(output, files)
+        return Committed(committed.candidates, {"input": input_rows, **committed.counts})
+    import ray
 
-        reading = ray.remote(committed_in).options(num_cpus=num_cpus)
-        parts = ray.get([reading.remote(output, group, candidates) for group in groups])
-    else:
-        parts = [committed_in(output, files, candidates)]
-    counts = {"input": input_rows, **added_up([part.counts for part in parts])}
-    if not candidates:
-        return Committed(None, counts)
-    return Committed(pa.concat_tables([RANKING_SCHEMA.empty_table(), *(part.candidates for part in parts)]), counts)
+    reading = ray.remote(committed_in_task).options(num_cpus=num_cpus, num_returns=2)
+    counts, candidates = zip(*(reading.remote(output, group) for group in groups))
+    counted = {"input": input_rows, **added_up(ray.get(list(counts)))}
+    if in_object_store:
+        return Committed(list(candidates), counted)
+    return Committed(pa.concat_tables([RANKING_SCHEMA.empty_table(), *ray.get(list(candidates))]), counted)
 
 
-def committed_in(output: Output, files: list[tuple[str, str]], candidates: bool) -> Committed:
-    """What these part files (each a directory and a path) commit, read many at a time."""
-    def read(file: tuple[str, str]) -> tuple[str, Part]:
-        directory, path = file
+def committed_in(output: Output, files: list[tuple[str, str, int]]) -> Committed:
+    """What these part files (each a directory, a path and a size) commit, read many at a time."""
+    def read(file: tuple[str, str, int]) -> tuple[str, Part]:
+        directory, path, size = file
         columns, schema, without_record = COUNTED_DIRECTORIES[directory]
-        return directory, output.read_part(path, columns if candidates else [], schema, without_record)
+        return directory, output.read_part(path, size, columns, schema, without_record)
 
     parts = in_parallel(read, files)
     records = [part.record or commit_record(part.table) for directory, part in parts if directory == "scores"]
@@ -107,11 +109,16 @@ def committed_in(output: Output, files: list[tuple[str, str]], candidates: bool)
         "outcomes": {outcome: sum(record["outcomes"].get(outcome, 0) for record in records) for outcome in OUTCOMES},
         **{name: sum(record[name] for record in records) for name in SUMMED},
     }
-    if not candidates:
-        return Committed(None, counts)
     tables = [part.table.select(RANKING_COLUMNS) if directory == "scores" else with_no_score(part.table)
               for directory, part in parts if directory in ("scores", "unscored")]
     return Committed(pa.concat_tables([RANKING_SCHEMA.empty_table(), *tables]), counts)
+
+
+def committed_in_task(output: Output, files: list[tuple[str, str, int]]) -> tuple[dict, pa.Table]:
+    """`committed_in` as a reading task returns it: the counts, and the candidates apart, so that
+    they may stay in the object store."""
+    committed = committed_in(output, files)
+    return committed.counts, committed.candidates
 
 
 def added_up(counts: list[dict]) -> dict:
@@ -127,12 +134,16 @@ def with_no_score(unscored: pa.Table) -> pa.Table:
 
 def write_ranked_outputs(output: Output, job: JobConfig, input_rows: int, num_cpus: float) -> dict:
     """ranked/ and run.trec from what the output holds; return the manifest's counts. Up to
-    `RANKED_ON_DRIVER` input rows the driver ranks them, else Ray Data does, by query.
-    `num_cpus`: of each task reading the counts (see `read_committed`)."""
-    if input_rows > RANKED_ON_DRIVER and rank_with_ray_data(output, job):
-        return read_committed(output, input_rows, num_cpus, candidates=False).counts
-    committed = read_committed(output, input_rows, num_cpus)
-    ranked = rank(committed.candidates).select(RANKED_SCHEMA.names).cast(RANKED_SCHEMA)
+    `RANKED_ON_DRIVER` input rows the driver ranks them, else Ray Data does, by query, from the
+    candidates the reading tasks (of `num_cpus` each, see `read_committed`) leave in the object
+    store."""
+    on_driver = input_rows <= RANKED_ON_DRIVER
+    committed = read_committed(output, input_rows, num_cpus, in_object_store=not on_driver)
+    if not on_driver and committed.counts["scored"] + committed.counts["unscored"]:
+        rank_with_ray_data(output, job, committed.candidates)
+        return committed.counts
+    candidates = committed.candidates if on_driver else RANKING_SCHEMA.empty_table()
+    ranked = rank(candidates).select(RANKED_SCHEMA.names).cast(RANKED_SCHEMA)
     output.remove("ranked")
     for number, start in enumerate(range(0, max(ranked.num_rows, 1), RANKED_ROWS_PER_FILE)):
         output.write_table("ranked", f"part-{number:05d}.parquet", ranked.slice(start, RANKED_ROWS_PER_FILE))
@@ -142,32 +153,20 @@ def write_ranked_outputs(output: Output, job: JobConfig, input_rows: int, num_cp
     return committed.counts
 
 
-def rank_with_ray_data(output: Output, job: JobConfig) -> bool:
-    """ranked/ written by Ray Data, each query's candidates ranked in one group, and run.trec
-    streamed from it, so that no process holds every candidate. False, with nothing written,
-    when the output holds no candidate at all."""
+def rank_with_ray_data(output: Output, job: JobConfig, candidates: list) -> None:
+    """ranked/ written by Ray Data from the candidates' tables in the object store, each query's
+    candidates ranked in one group, and run.trec streamed from it, so that no process holds every
+    candidate."""
     import ray
 
-    def candidates(paths: list[str], columns: list[str], as_candidates):
-        read = ray.data.read_parquet(paths, filesystem=arrow_filesystem(output.fs), file_extensions=None)
-        return read.select_columns(columns).map_batches(lambda batch: as_candidates(batch).cast(RANKING_SCHEMA),
-                                                        batch_format="pyarrow")
-
-    listed = output.listings("scores", "unscored")
-    found = [candidates(listed["scores"], RANKING_COLUMNS, lambda batch: batch)] if listed["scores"] else []
-    if listed["unscored"]:
-        found.append(candidates(listed["unscored"], UNSCORED_COLUMNS, with_no_score))
-    if not found:
-        return False
-    everything = found[0].union(*found[1:]) if len(found) > 1 else found[0]
-    ranked = everything.groupby("query_id").map_groups(rank_one_query, batch_format="pyarrow").materialize()
+    ranked = (ray.data.from_arrow_refs(candidates).groupby("query_id")
+              .map_groups(rank_one_query, batch_format="pyarrow").materialize())
     output.remove("ranked")
     ranked.select_columns(RANKED_SCHEMA.names).write_parquet(output.path("ranked"),
                                                              filesystem=arrow_filesystem(output.fs))
     if job.run.trec_run:
         write_trec_run(output, ranked.iter_batches(batch_format="pyarrow", batch_size=RANKED_ROWS_PER_FILE),
                        job.run.run_tag)
-    return True
 
 
 def write_trec_run(output: Output, ranked_batches, tag: str) -> None:

@@ -92,7 +92,7 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         inputs = index_inputs(fs, shards, job.run.columns, PREPARE_CPUS)
         done = done_in(output, inputs, PREPARE_CPUS)
         duplicates = find_duplicates(fs, shards, job, inputs.repeated)
-        gate = start_gate()
+        gate = start_gate(output, lease.holder.run_id, job.run.lease_timeout)
         batches = score_and_commit(read(fs, shards, job), job, output, done, duplicates, reuse, gpus, gate)
         input_rows = sum(shard.rows for shard in shards)
         to_do = input_rows - done.pairs
@@ -149,7 +149,8 @@ def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicat
 
     prompts = pairs.map_batches(
         stages.build_prompts,
-        fn_kwargs={"job": job, "output": output, "done": done, "duplicates": duplicates, "reuse": reuse},
+        fn_kwargs={"job": job, "output": output, "done": done, "duplicates": duplicates, "reuse": reuse,
+                   "gate": gate},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=PREPARE_CPUS,

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from ..config import JobConfig, job_logging
 from .checkpoint import Done
+from .drain import stop_if_lease_lost
 from .engine_deaths import Death, EngineDeaths
 from .engine_monitor import EngineMonitor
 from .outputs import commit_record
@@ -84,10 +85,11 @@ def _encoder(job: JobConfig) -> PromptEncoder:
 
 
 def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
-                  reuse: Reuse | None) -> pa.Table:
+                  reuse: Reuse | None, gate=None) -> pa.Table:
     """Skip work already done, validate rows, keep the top k, build each prompt, and commit the
     pairs whose judgement is in the score store. Rows set aside (rejected, beyond the top k, or
-    reused) are written here and pass on without a prompt, so the progress display can count them."""
+    reused) are written here, while the run holds its output (asked of the `gate`), and pass on
+    without a prompt, so the progress display can count them."""
     pairs = to_contract(batch, job.run.columns)
     pairs = pairs.filter(pc.invert(pc.is_in(pairs[ROW_HASH], done.rejected_rows)))
     pairs, rejects = split_rejects(pairs, duplicates)
@@ -100,6 +102,10 @@ def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, d
     pairs = pairs.set_column(pairs.column_names.index(REASON), REASON, too_long)
     fits = pc.is_null(too_long)
     rejects = pa.concat_tables([rejects, pairs.filter(pc.invert(fits))])
+    if gate is not None and (rejects.num_rows or tail.num_rows or reuse is not None):
+        import ray
+
+        stop_if_lease_lost(ray.get(gate.lease_lost.remote()))
     if rejects.num_rows:
         output.write_table("rejects", content_name(rejects[ROW_HASH]), rejects)
     if tail.num_rows:
@@ -161,7 +167,8 @@ class ScorePairs:
 
     Committing here, batch by batch, makes each batch a commit of its own: a killed run loses at
     most the batches in flight. The writes run in a thread, off the engine's event loop. With a
-    `gate` (the run's `drain.BatchGate` actor), a batch starts only while the run is not draining.
+    `gate` (the run's `drain.BatchGate` actor), a batch starts only while the run is not draining,
+    and is committed only while the run holds its output.
     """
 
     def __init__(self, job: JobConfig, output: Output, reuse: Reuse | None = None, gate=None):
@@ -223,6 +230,8 @@ class ScorePairs:
             generations = await self.generate_one_at_a_time(name, prompts, encoded, death)
         del self.in_flight[name]
         scored, errors = score_table(prompts, encoded, generations, self.job.scoring.threshold)
+        if self.gate is not None:
+            stop_if_lease_lost(await self.gate.lease_lost.remote())
         if self.reuse is not None and scored.num_rows:
             # Before the commit: a pair committed is in the store, so a resume never scores it again.
             await asyncio.to_thread(self.reuse.store.add, store_rows(scored, self.job.engine.model), self.reuse.run_id)

@@ -207,22 +207,29 @@ class Output:
                 self.fs.put_file(handle.name, target)
 
     def files(self, directory: str) -> list[str]:
-        return sorted(self._listing(directory))
+        return list(self.listing(directory))
 
-    def listings(self, *directories: str) -> dict[str, list[str]]:
-        """`files` of each directory, listed at once."""
-        return dict(zip(directories, in_parallel(self.files, list(directories))))
+    def listing(self, directory: str) -> dict[str, int]:
+        """The committed part files of a directory and their sizes in bytes, by path in name
+        order, listed now: other processes (the engine actors) write there, so a listing this
+        process cached earlier may lack their files."""
+        base = self.path(directory)
+        self.fs.invalidate_cache(base)
+        found = self.fs.find(base, detail=True)
+        return {path: found[path]["size"] for path in sorted(found) if is_part_file(path)}
+
+    def listings(self, *directories: str) -> dict[str, dict[str, int]]:
+        """`listing` of each directory, listed at once."""
+        return dict(zip(directories, in_parallel(self.listing, list(directories))))
 
     def sizes(self, directory: str) -> dict[str, int]:
         """Each committed part file's name and size in bytes, from one listing."""
-        return {path.rsplit("/", 1)[-1]: info["size"] for path, info in self._listing(directory).items()}
+        return {path.rsplit("/", 1)[-1]: size for path, size in self.listing(directory).items()}
 
-    def _listing(self, directory: str) -> dict[str, dict]:
-        """The committed part files of a directory, listed now: other processes (the engine
-        actors) write there, so a listing this process cached earlier may lack their files."""
-        base = self.path(directory)
-        self.fs.invalidate_cache(base)
-        return {path: info for path, info in self.fs.find(base, detail=True).items() if is_part_file(path)}
+    def open_part(self, path: str, size: int):
+        """A part file to read, its size known from a listing: on object storage that saves the
+        request that would ask for it, one per file."""
+        return self.fs.open(path, "rb", size=size)
 
     def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
         """All committed part files of a directory as one table (empty with `schema` if none)."""
@@ -234,11 +241,13 @@ class Output:
         """Each committed part file of a directory: the `columns` given (none reads the footer
         alone), with `without_record` as well from a file that carries no record. Files are read
         many at a time: on object storage each costs round trips, not bandwidth."""
-        return in_parallel(lambda path: self.read_part(path, columns, schema, without_record), self.files(directory))
+        return in_parallel(lambda file: self.read_part(*file, columns, schema, without_record),
+                           list(self.listing(directory).items()))
 
-    def read_part(self, path: str, columns: list[str], schema: pa.Schema, without_record: list[str] = ()) -> Part:
-        """One committed part file, as `read_parts` reads each."""
-        with self.fs.open(path, "rb") as handle:
+    def read_part(self, path: str, size: int, columns: list[str], schema: pa.Schema,
+                  without_record: list[str] = ()) -> Part:
+        """One committed part file of `size` bytes, as `read_parts` reads each."""
+        with self.open_part(path, size) as handle:
             parquet = pq.ParquetFile(handle)
             written = record_of(parquet)
             wanted = [*columns, *(without_record if written is None else ())]
