@@ -19,6 +19,8 @@ from .parallel_reads import FILES_PER_READING_TASK, in_groups, in_parallel
 from .storage import Output, Part, arrow_filesystem
 
 RANKED_ROWS_PER_FILE = 1_000_000
+# Lines of run.trec made at once: they pass through Python objects, a few hundred bytes a line.
+TREC_LINES_AT_ONCE = 100_000
 # Candidates ranked in the driver's memory (about 100 bytes each, twice over while ranking); the
 # candidates of a larger run are ranked by Ray Data, partitioned by query.
 RANKED_ON_DRIVER = 2_000_000
@@ -149,7 +151,7 @@ def write_ranked_outputs(output: Output, job: JobConfig, input_rows: int, num_cp
         output.write_table("ranked", f"part-{number:05d}.parquet", ranked.slice(start, RANKED_ROWS_PER_FILE))
     if job.run.trec_run:
         with_scores = ranked.append_column(TREC_SCORE, trec_scores(ranked))
-        write_trec_run(output, with_scores.to_batches(max_chunksize=RANKED_ROWS_PER_FILE), job.run.run_tag)
+        write_trec_run(output, with_scores.to_batches(max_chunksize=TREC_LINES_AT_ONCE), job.run.run_tag)
     return committed.counts
 
 
@@ -165,7 +167,7 @@ def rank_with_ray_data(output: Output, job: JobConfig, candidates: list) -> None
     ranked.select_columns(RANKED_SCHEMA.names).write_parquet(output.path("ranked"),
                                                              filesystem=arrow_filesystem(output.fs))
     if job.run.trec_run:
-        write_trec_run(output, ranked.iter_batches(batch_format="pyarrow", batch_size=RANKED_ROWS_PER_FILE),
+        write_trec_run(output, ranked.iter_batches(batch_format="pyarrow", batch_size=TREC_LINES_AT_ONCE),
                        job.run.run_tag)
 
 
