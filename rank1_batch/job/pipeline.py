@@ -93,7 +93,7 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         done = done_in(output, inputs, PREPARE_CPUS)
         duplicates = find_duplicates(fs, shards, job, inputs.repeated)
         gate = start_gate(output, lease.holder.run_id, job.run.lease_timeout)
-        batches = score_and_commit(read(fs, shards, job), job, output, done, duplicates, reuse, gpus, gate)
+        batches = committed_batches(read(fs, shards, job), job, output, done, duplicates, reuse, gpus, gate)
         input_rows = sum(shard.rows for shard in shards)
         to_do = input_rows - done.pairs
         this_run = follow(batches, to_do, show_progress, job.run, gate, lease.heartbeat.lost) if to_do > 0 else ThisRun()
@@ -136,10 +136,10 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
-def score_and_commit(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
-                     reuse: stages.Reuse | None, gpus: bool, gate):
-    """prepare (CPU tasks) -> score and commit each batch (actor pool, one engine each), each
-    batch started only while the `gate` lets it."""
+def committed_batches(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
+                      reuse: stages.Reuse | None, gpus: bool, gate):
+    """The dataset of committed batches' counts: prepare (CPU tasks) -> score and commit each
+    batch (actor pool, one engine each), each batch started only while the `gate` lets it."""
     import ray
 
     # The placement a multi-GPU engine gets needs matching engine arguments; the user's win.

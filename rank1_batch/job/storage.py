@@ -23,6 +23,8 @@ from .parallel_reads import in_parallel
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 # The footer key under which a part file carries what it commits (see `Output.write_table`).
 RECORD_KEY = "rank1_batch.commit"
+# A part file up to this size (a batch's is tens of kilobytes) is read whole, in one request.
+WHOLE_READ_BYTES = 8 * 2**20
 # The version of a file that does not exist, for a write that must create it (see `Output.write_bytes_if`).
 ABSENT = ""
 # What S3 answers when a conditional request finds the object otherwise (the second: two at once).
@@ -227,8 +229,11 @@ class Output:
         return {path.rsplit("/", 1)[-1]: size for path, size in self.listing(directory).items()}
 
     def open_part(self, path: str, size: int):
-        """A part file to read, its size known from a listing: on object storage that saves the
-        request that would ask for it, one per file."""
+        """A part file to read, its size known from a listing. One of a batch is fetched whole,
+        in one request: an object store's file handle asks for the object's details before each
+        ranged read, two requests more per file."""
+        if size <= WHOLE_READ_BYTES:
+            return pa.BufferReader(self.fs.cat_file(path))
         return self.fs.open(path, "rb", size=size)
 
     def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
