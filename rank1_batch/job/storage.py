@@ -231,9 +231,9 @@ class Output:
     def open_part(self, path: str, size: int):
         """A part file to read, its size known from a listing. One of a batch is fetched whole,
         in one request: an object store's file handle asks for the object's details before each
-        ranged read, two requests more per file."""
+        ranged read, and s3fs's whole-object read asks for its size first, unless given a range."""
         if size <= WHOLE_READ_BYTES:
-            return pa.BufferReader(self.fs.cat_file(path))
+            return pa.BufferReader(self.fs.cat_file(path, start=0, end=size))
         return self.fs.open(path, "rb", size=size)
 
     def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
