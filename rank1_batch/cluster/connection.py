@@ -122,9 +122,6 @@ def connect(job: JobConfig) -> None:
             raise ClusterError(f"cannot join the Ray cluster at {address}: {error}{hint}") from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = job.run.verbose
-    # A stage's own error (a lost lease, a failed write) reaches the driver as itself, which the
-    # command line can name, not as Ray Data's "UDF failed to process a data block".
-    context.raise_original_map_exception = True
 
 
 def reachable(address: str) -> str:

@@ -24,7 +24,7 @@ from .checkpoint import Done, check_output, done_in, open_output, with_fit_settl
 from .compaction import compact
 from ..cluster.connection import connect, is_own_cluster
 from ..config import JobConfig, JobError, RunConfig
-from .drain import Preempted, sigterm_requests_drain, start_gate
+from .drain import Preempted, sigterm_requests_drain, start_gate, stop_if_lease_lost
 from ..model.encoding import PromptEncoder
 from ..model.engine_metrics import EngineFigures
 from .key_index import KEY_SCHEMA, index_inputs, key_columns
@@ -251,6 +251,8 @@ def follow(committed, total: int, show_progress: bool, run: RunConfig, gate, lea
                     raise Preempted(preempted_message(bar.n, total, 0, run.grace_period))
                 break
             if isinstance(batch, BaseException):
+                # Ray Data reports a stage's error without its cause: a lost lease is named here
+                stop_if_lease_lost(ray.get(gate.lease_lost.remote()))
                 raise batch
             for row in batch.to_pylist():
                 bar.update(row["pairs"])
