@@ -97,6 +97,11 @@ def renewal_seconds(stale_after: float) -> float:
     return min(HEARTBEAT_SECONDS, stale_after / 4)
 
 
+def watch_seconds(stale_after: float) -> float:
+    """How often a lease is read by those who watch it: several times per renewal."""
+    return renewal_seconds(stale_after) / 3
+
+
 def new_holder(run_id: str) -> Holder:
     """This process as the holder of a record, for the run `run_id`."""
     now = time.time()
@@ -230,7 +235,7 @@ class Lease:
         log.warning("%s is held by %s on another host: watching its heartbeat for up to %.0f s", self.output.url,
                     held.describe(), self.stale_after - (time.time() - held.heartbeat))
         while True:
-            time.sleep(renewal_seconds(self.stale_after) / 3)
+            time.sleep(watch_seconds(self.stale_after))
             version, now = self._read()
             if now is None or is_gone(now, self.stale_after):
                 return version, now
@@ -268,7 +273,7 @@ class LeaseWatch:
 
     def _read(self) -> None:
         while True:
-            time.sleep(renewal_seconds(self.stale_after) / 3)
+            time.sleep(watch_seconds(self.stale_after))
             try:
                 self.held = read_holder(self.output, LEASE_FILE)
             except OSError as error:
