@@ -180,10 +180,17 @@ def check_names() -> None:
 class Window:
     start: int
     peak: int
+    private_start: int
+    private_peak: int
+
+    def add(self, rss: int, private: int) -> None:
+        self.peak, self.private_peak = max(self.peak, rss), max(self.private_peak, private)
 
 
 class RssSampler:
-    """The driver's RSS every SAMPLE_SECONDS, kept as the peak of each window open."""
+    """The driver's RSS every SAMPLE_SECONDS, kept as the peak of each window open; and its private
+    part (RSS less shared pages), which leaves out the pages of Ray's object store that the driver
+    maps while it reads objects: they are the object store's memory, not the driver's."""
 
     def __init__(self):
         import psutil
@@ -193,27 +200,29 @@ class RssSampler:
         self.lock = threading.Lock()
         threading.Thread(target=self.sample, name="rss", daemon=True).start()
 
-    def rss(self) -> int:
-        return self.process.memory_info().rss
+    def rss(self) -> tuple[int, int]:
+        """The RSS, and its private part."""
+        memory = self.process.memory_info()
+        return memory.rss, memory.rss - memory.shared
 
     def sample(self) -> None:
         while True:
             rss = self.rss()
             with self.lock:
                 for window in self.windows:
-                    window.peak = max(window.peak, rss)
+                    window.add(*rss)
             time.sleep(SAMPLE_SECONDS)
 
     @contextmanager
     def window(self):
-        rss = self.rss()
-        window = Window(rss, rss)
+        rss, private = self.rss()
+        window = Window(rss, rss, private, private)
         with self.lock:
             self.windows.append(window)
         yield window
         with self.lock:
             self.windows.remove(window)
-        window.peak = max(window.peak, self.rss())  # a call shorter than a sample
+        window.add(*self.rss())  # a call shorter than a sample
 
 
 @dataclass(frozen=True)
@@ -222,6 +231,7 @@ class Call:
     seconds: float
     start_rss: int
     peak_rss: int
+    private_growth: int
     requests: Counter | None  # None off S3
 
 
@@ -242,7 +252,8 @@ class Meter:
             yield
             seconds = time.perf_counter() - started
         requests = None if before is None else self.requests() - before
-        self.calls.append(Call(name, seconds, window.start, window.peak, requests))
+        self.calls.append(Call(name, seconds, window.start, window.peak, window.private_peak - window.private_start,
+                               requests))
 
     def timed(self, phase: str, function):
         @functools.wraps(function)
@@ -274,11 +285,12 @@ def summed(calls: list[Call]) -> dict:
     phases: dict[str, dict] = {}
     for call in calls:
         phase = phases.setdefault(call.phase, {"seconds": 0.0, "calls": 0, "peak_mib": 0.0, "growth_mib": 0.0,
-                                               "requests": None})
+                                               "private_growth_mib": 0.0, "requests": None})
         phase["seconds"] += call.seconds
         phase["calls"] += 1
         phase["peak_mib"] = max(phase["peak_mib"], call.peak_rss / MIB)
         phase["growth_mib"] = max(phase["growth_mib"], (call.peak_rss - call.start_rss) / MIB)
+        phase["private_growth_mib"] = max(phase["private_growth_mib"], call.private_growth / MIB)
         if call.requests is not None:
             phase["requests"] = dict(Counter(phase["requests"] or {}) + call.requests)
     return phases
@@ -552,9 +564,9 @@ def phase_rows(run: dict) -> dict[str, dict | None]:
 
 def cells(row: dict | None, s3: bool) -> str:
     if row is None:
-        return f"{'-':>8} {'-':>9} {'-':>10}" + (f" {'-':>7}" if s3 else "")
-    memory = [f"{row[name]:.0f}" if name in row else "-" for name in ("peak_mib", "growth_mib")]
-    text = f"{row['seconds']:8.2f} {memory[0]:>9} {memory[1]:>10}"
+        return f"{'-':>8} {'-':>9} {'-':>10} {'-':>8}" + (f" {'-':>7}" if s3 else "")
+    memory = [f"{row[name]:.0f}" if name in row else "-" for name in ("peak_mib", "growth_mib", "private_growth_mib")]
+    text = f"{row['seconds']:8.2f} {memory[0]:>9} {memory[1]:>10} {memory[2]:>8}"
     requests = row.get("requests")
     return text + (f" {sum(requests.values()) if requests is not None else '-':>7}" if s3 else "")
 
@@ -577,12 +589,13 @@ def print_size(result: dict) -> None:
                   f"{counts['rejected']:,} rejected, {counts['errors']:,} errors")
     width = len(cells(None, s3))
     print(f"{'':26s} {'run 1: empty output':<{width}s} | run 2: re-run of the finished output")
-    heading = f"{'wall s':>8} {'peak MiB':>9} {'growth MiB':>10}" + (f" {'S3 req':>7}" if s3 else "")
+    heading = f"{'wall s':>8} {'peak MiB':>9} {'growth MiB':>10} {'private':>8}" + (f" {'S3 req':>7}" if s3 else "")
     print(f"{'phase':26s} {heading} | {heading}")
     rows = [phase_rows(run) if run is not None else {} for run in result["runs"]]
     for name in rows[0] or rows[1]:
         print(f"{name:26s} {cells(rows[0].get(name), s3)} | {cells(rows[1].get(name), s3)}")
-    print("(workers): seconds summed over the Ray workers' calls, within stream; other: the run outside the phases")
+    print("(workers): seconds summed over the Ray workers' calls, within stream; other: the run outside the phases;\n"
+          "private: the growth of the RSS less its shared pages (Ray's object store, mapped while the driver reads)")
 
 
 def ratio(larger: float | None, smaller: float | None, floor: float) -> float | None:

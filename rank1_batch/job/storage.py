@@ -10,7 +10,7 @@ import os
 import tempfile
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -25,6 +25,8 @@ PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 RECORD_KEY = "rank1_batch.commit"
 # A part file up to this size (a batch's is tens of kilobytes) is read whole, in one request.
 WHOLE_READ_BYTES = 8 * 2**20
+# Keys asked for per page of an S3 listing (S3's own most).
+LISTING_PAGE_KEYS = 1000
 # The version of a file that does not exist, for a write that must create it (see `Output.write_bytes_if`).
 ABSENT = ""
 # What S3 answers when a conditional request finds the object otherwise (the second: two at once).
@@ -214,11 +216,34 @@ class Output:
     def listing(self, directory: str) -> dict[str, int]:
         """The committed part files of a directory and their sizes in bytes, by path in name
         order, listed now: other processes (the engine actors) write there, so a listing this
-        process cached earlier may lack their files."""
+        process cached earlier may lack their files.
+
+        A large run's directory holds tens of thousands of files, and fsspec's listing keeps a
+        dict of a dozen details for each (s3fs caches them all as well), several times what
+        this keeps: so local disk and S3 are listed here, page by page, for paths and sizes."""
         base = self.path(directory)
-        self.fs.invalidate_cache(base)
-        found = self.fs.find(base, detail=True)
-        return {path: found[path]["size"] for path in sorted(found) if is_part_file(path)}
+        if self.is_local:
+            listed = _local_files(base)
+        elif self.is_s3:
+            listed = self._s3_files(base)
+        else:
+            self.fs.invalidate_cache(base)
+            listed = ((path, info["size"]) for path, info in self.fs.find(base, detail=True).items())
+        return dict(sorted(listed))
+
+    def _s3_files(self, base: str) -> Iterator[tuple[str, int]]:
+        """Each part file under `base` on S3 and its size, a page of the listing at a time."""
+        bucket, key, _ = self.fs.split_path(base)
+        request = {"Bucket": bucket, "Prefix": f"{key}/", "MaxKeys": LISTING_PAGE_KEYS}
+        while True:
+            page = self.fs.call_s3("list_objects_v2", **request)
+            for item in page.get("Contents", []):
+                path = f"{bucket}/{item['Key']}"
+                if is_part_file(path):
+                    yield path, item["Size"]
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
 
     def listings(self, *directories: str) -> dict[str, dict[str, int]]:
         """`listing` of each directory, listed at once."""
@@ -264,10 +289,15 @@ class Output:
         return Part(table, parquet.metadata.num_rows, written)
 
     @property
-    def checks_versions(self) -> bool:
-        """Whether the store itself can make a write conditional on a file's version (S3, and
-        stores that speak its API, do: If-None-Match and If-Match)."""
+    def is_s3(self) -> bool:
+        """S3, or a store that speaks its API."""
         return "s3" in self.fs.protocol
+
+    @property
+    def checks_versions(self) -> bool:
+        """Whether the store itself can make a write conditional on a file's version (S3 does:
+        If-None-Match and If-Match)."""
+        return self.is_s3
 
     def version(self, relative: str) -> str | None:
         """What a conditional write of this file is checked against: its ETag on S3, `ABSENT`
@@ -350,6 +380,16 @@ class Output:
             return [path.rstrip("/").rsplit("/", 1)[-1] for path in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:
             return []
+
+
+def _local_files(base: str) -> Iterator[tuple[str, int]]:
+    """Each part file under a local directory (none if it does not exist) and its size."""
+    for directory, _, names in os.walk(base):
+        for name in names:
+            path = f"{directory}/{name}"
+            if is_part_file(path):
+                with contextlib.suppress(FileNotFoundError):  # removed since: not there
+                    yield path, os.stat(path).st_size
 
 
 def _failed_condition(error: OSError) -> bool:
