@@ -14,12 +14,12 @@ from rank1_batch.config import RunConfig
 from rank1_batch.job import key_index
 from rank1_batch.job.key_index import (
     KEY_SCHEMA,
+    Partitioned,
     index_done,
     index_inputs,
     partition_of_shards,
     query_buckets,
     repeated,
-    split,
 )
 from rank1_batch.job.storage import Output, Shard
 
@@ -45,8 +45,8 @@ def test_a_query_has_one_bucket_in_every_process_and_rows_follow_their_bucket():
     # blake2b, not Python's salted hash(): the same on every worker
     assert buckets.tolist() == query_buckets(pa.array(["q1", "q2", None, "q1", "q3"]), 7).tolist()
     table = keys([("q1", "a"), ("q2", "b"), ("q3", "c"), ("q4", "d")])
-    parts = split(table, np.array([2, 0, 2, 1]), 3)
-    assert [pairs_of(part) for part in parts] == [[("q2", "b")], [("q4", "d")], [("q1", "a"), ("q3", "c")]]
+    parts = Partitioned.of(table, np.array([2, 0, 2, 2]), 4)
+    assert [pairs_of(parts.part(number)) for number in range(4)] == [[("q2", "b")], [], [("q1", "a"), ("q3", "c"), ("q4", "d")], []]
 
 
 def test_repeated_keeps_each_repeated_key_once():

@@ -61,12 +61,24 @@ def query_buckets(query_ids: pa.Array | pa.ChunkedArray, buckets: int) -> np.nda
     return of_query[pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy()]
 
 
-def split(table: pa.Table, numbers: np.ndarray, parts: int) -> list[pa.Table]:
-    """The rows of `table` in `parts` tables, row i going to part `numbers[i]`."""
-    order = np.argsort(numbers, kind="stable")
-    ordered = table.take(pa.array(order, pa.int64()))
-    ends = np.cumsum(np.bincount(numbers, minlength=parts))
-    return [ordered.slice(end - count, count) for end, count in zip(ends, np.diff(ends, prepend=0))]
+@dataclass(frozen=True)
+class Partitioned:
+    """A table's rows in `parts`, as one object: row i in part `numbers[i]`. A reading task leaves
+    one of these in Ray's object store, not one object per part: Ray keeps an object under
+    100 KB in its owner's memory, the driver's here, and at ten million pairs most parts of a
+    task's keys are that small."""
+
+    table: pa.Table  # the rows ordered by part
+    ends: np.ndarray  # where each part ends in `table`
+
+    @classmethod
+    def of(cls, table: pa.Table, numbers: np.ndarray, parts: int) -> Partitioned:
+        order = np.argsort(numbers, kind="stable")
+        return cls(table.take(pa.array(order, pa.int64())), np.cumsum(np.bincount(numbers, minlength=parts)))
+
+    def part(self, number: int) -> pa.Table:
+        start = int(self.ends[number - 1]) if number else 0
+        return self.table.slice(start, int(self.ends[number]) - start)
 
 
 def repeated(keys: pa.Table) -> pa.Table:
@@ -75,8 +87,9 @@ def repeated(keys: pa.Table) -> pa.Table:
     return counted.filter(pc.greater(counted["query_id_count"], 1)).select(KEY_SCHEMA.names)
 
 
-def _input_keys(fs, paths: list[str], partitions: list[int], columns: dict[str, str], buckets: int) -> list:
-    """A reading task over input shards: their keys in `buckets` tables by query, and the
+def _input_keys(fs, paths: list[str], partitions: list[int], columns: dict[str, str],
+                buckets: int) -> tuple[Partitioned, pa.Table]:
+    """A reading task over input shards: their keys in `buckets` parts by query, and the
     (query_id, partition) pairs they hold."""
     def read(path: str) -> pa.Table:
         with fs.open(path, "rb") as handle:
@@ -89,28 +102,29 @@ def _input_keys(fs, paths: list[str], partitions: list[int], columns: dict[str, 
         for table, partition in zip(tables, partitions)
     ]).group_by(["query_id", "partition"]).aggregate([])
     keys = pa.concat_tables([KEY_SCHEMA.empty_table(), *tables])
-    return [*split(keys, query_buckets(keys["query_id"], buckets), buckets), queries]
+    return Partitioned.of(keys, query_buckets(keys["query_id"], buckets), buckets), queries
 
 
-def _repeated_in(*tables: pa.Table) -> pa.Table:
-    return repeated(pa.concat_tables(tables))
+def _part_of_each(number: int, *partitioned: Partitioned) -> pa.Table:
+    """Part `number` of every reading task's keys, as one table."""
+    return pa.concat_tables([KEY_SCHEMA.empty_table(), *(each.part(number) for each in partitioned)])
 
 
-def _done_keys(output: Output, files: list[tuple[str, int]], queries: pa.Table, partitions: int) -> list:
+def _repeated_in(number: int, *partitioned: Partitioned) -> pa.Table:
+    return repeated(_part_of_each(number, *partitioned))
+
+
+def _done_keys(output: Output, files: list[tuple[str, int]], queries: pa.Table,
+               partitions: int) -> tuple[Partitioned, int]:
     """A reading task over committed part files (each a path and its size): their keys in one
-    table per input partition that holds the key's query, and how many keys it read."""
+    part per input partition that holds the key's query, and how many keys it read."""
     def read(file: tuple[str, int]) -> pa.Table:
         with output.open_part(*file) as handle:
             return pq.read_table(handle, columns=KEY_SCHEMA.names, use_threads=False).cast(KEY_SCHEMA)
 
     keys = pa.concat_tables([KEY_SCHEMA.empty_table(), *in_parallel(read, files)])
     placed = keys.join(queries, "query_id", join_type="inner").select([*KEY_SCHEMA.names, "partition"])
-    numbers = placed["partition"].to_numpy()
-    return [*(part.select(KEY_SCHEMA.names) for part in split(placed, numbers, partitions)), keys.num_rows]
-
-
-def _concatenated(*tables: pa.Table) -> pa.Table:
-    return pa.concat_tables([KEY_SCHEMA.empty_table(), *tables])
+    return Partitioned.of(placed.select(KEY_SCHEMA.names), placed["partition"].to_numpy(), partitions), keys.num_rows
 
 
 @dataclass(frozen=True)
@@ -137,13 +151,13 @@ def index_inputs(fs, shards: list[Shard], columns: dict[str, str], num_cpus: flo
 
     partition_of_shard = partition_of_shards(shards)
     buckets = partition_count(partition_of_shard)
-    reading = ray.remote(_input_keys).options(num_cpus=num_cpus, num_returns=buckets + 1)
-    outputs = [reading.remote(fs, paths, [partition_of_shard[path] for path in paths], columns, buckets)
-               for paths in in_groups([shard.path for shard in shards], sum(shard.rows for shard in shards),
-                                      ROWS_PER_READING_TASK)]
+    reading = ray.remote(_input_keys).options(num_cpus=num_cpus, num_returns=2)
+    keys, queries = zip(*(reading.remote(fs, paths, [partition_of_shard[path] for path in paths], columns, buckets)
+                          for paths in in_groups([shard.path for shard in shards],
+                                                 sum(shard.rows for shard in shards), ROWS_PER_READING_TASK)))
     finding = ray.remote(_repeated_in).options(num_cpus=num_cpus)
-    repeats = [finding.remote(*(refs[bucket] for refs in outputs)) for bucket in range(buckets)]
-    queries = pa.concat_tables(ray.get([refs[buckets] for refs in outputs]))
+    repeats = [finding.remote(bucket, *keys) for bucket in range(buckets)]
+    queries = pa.concat_tables(ray.get(list(queries)))
     return InputKeys(pa.concat_tables([KEY_SCHEMA.empty_table(), *ray.get(repeats)]),
                      queries.group_by(["query_id", "partition"]).aggregate([]), partition_of_shard)
 
@@ -187,9 +201,9 @@ def index_done(output: Output, inputs: InputKeys, num_cpus: float) -> DoneKeys:
         return DoneKeys((), 0, inputs.partition_of_shard)
     partitions = inputs.partitions
     queries = ray.put(inputs.queries)
-    reading = ray.remote(_done_keys).options(num_cpus=num_cpus, num_returns=partitions + 1)
-    outputs = [reading.remote(output, group, queries, partitions)
-               for group in in_groups(files, len(files), FILES_PER_READING_TASK)]
-    joining = ray.remote(_concatenated).options(num_cpus=num_cpus)
-    refs = tuple(joining.remote(*(parts[number] for parts in outputs)) for number in range(partitions))
-    return DoneKeys(refs, sum(ray.get([parts[partitions] for parts in outputs])), inputs.partition_of_shard)
+    reading = ray.remote(_done_keys).options(num_cpus=num_cpus, num_returns=2)
+    keys, rows = zip(*(reading.remote(output, group, queries, partitions)
+                       for group in in_groups(files, len(files), FILES_PER_READING_TASK)))
+    joining = ray.remote(_part_of_each).options(num_cpus=num_cpus)
+    refs = tuple(joining.remote(number, *keys) for number in range(partitions))
+    return DoneKeys(refs, sum(ray.get(list(rows))), inputs.partition_of_shard)
