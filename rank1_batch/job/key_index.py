@@ -66,7 +66,8 @@ class Partitioned:
     """A table's rows in `parts`, as one object: row i in part `numbers[i]`. A reading task leaves
     one of these in Ray's object store, not one object per part: Ray keeps an object under
     100 KB in its owner's memory, the driver's here, and at ten million pairs most parts of a
-    task's keys are that small."""
+    task's keys are that small. The cost: a node that runs a part's task holds every reading
+    task's keys in its object store, not only that part's."""
 
     table: pa.Table  # the rows ordered by part
     ends: np.ndarray  # where each part ends in `table`
