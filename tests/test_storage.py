@@ -1,5 +1,5 @@
-"""An output's listing of its part files, on local disk and on S3 (moto's server), where it is read
-a page at a time."""
+"""An output's listing of its part files, on local disk, on S3 (moto's server), where it is read
+a page at a time, and on any other fsspec store (its in-memory one)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from rank1_batch.job import storage
 from rank1_batch.job.storage import Output
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "memory"])
 def output(request, tmp_path):
     if request.param == "local":
         return Output(str(tmp_path / "out"), RunConfig())
+    if request.param == "memory":
+        return Output(f"memory://{request.node.name}/out", RunConfig())
     endpoint = request.getfixturevalue("s3_endpoint")
     bucket = f"listing-{request.node.name.replace('_', '-').replace('[', '-').rstrip(']')[:40].lower()}"
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)

@@ -229,18 +229,16 @@ class Output:
         else:
             self.fs.invalidate_cache(base)
             listed = ((path, info["size"]) for path, info in self.fs.find(base, detail=True).items())
-        return dict(sorted(listed))
+        return dict(sorted((path, size) for path, size in listed if is_part_file(path)))
 
     def _s3_files(self, base: str) -> Iterator[tuple[str, int]]:
-        """Each part file under `base` on S3 and its size, a page of the listing at a time."""
+        """Each file under `base` on S3 and its size, a page of the listing at a time."""
         bucket, key, _ = self.fs.split_path(base)
         request = {"Bucket": bucket, "Prefix": f"{key}/", "MaxKeys": LISTING_PAGE_KEYS}
         while True:
             page = self.fs.call_s3("list_objects_v2", **request)
             for item in page.get("Contents", []):
-                path = f"{bucket}/{item['Key']}"
-                if is_part_file(path):
-                    yield path, item["Size"]
+                yield f"{bucket}/{item['Key']}", item["Size"]
             if not page.get("IsTruncated"):
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
@@ -383,13 +381,12 @@ class Output:
 
 
 def _local_files(base: str) -> Iterator[tuple[str, int]]:
-    """Each part file under a local directory (none if it does not exist) and its size."""
+    """Each file under a local directory (none if it does not exist) and its size."""
     for directory, _, names in os.walk(base):
         for name in names:
             path = f"{directory}/{name}"
-            if is_part_file(path):
-                with contextlib.suppress(FileNotFoundError):  # removed since: not there
-                    yield path, os.stat(path).st_size
+            with contextlib.suppress(FileNotFoundError):  # removed since (a staging file renamed): not there
+                yield path, os.stat(path).st_size
 
 
 def _failed_condition(error: OSError) -> bool:
