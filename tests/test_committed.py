@@ -61,13 +61,14 @@ def test_a_file_with_a_record_is_read_for_its_ranking_columns_only(tmp_path):
     table = scores("q1", ["answered", "forced"])
     output.write_table("scores", "part-a.parquet", table, record=commit_record(table))
     output.write_table("scores", "part-b.parquet", table)
+    listed = output.listing("scores")
     parts = {part.record is not None: part for part in
-             output.read_parts("scores", RANKING_COLUMNS, SCORES_SCHEMA, without_record=["outcome"])}
+             (output.read_part(*file, RANKING_COLUMNS, SCORES_SCHEMA, without_record=["outcome"]) for file in listed.items())}
     assert parts[True].table.column_names == RANKING_COLUMNS
     assert parts[True].record == commit_record(table)
     assert parts[False].table.column_names == [*RANKING_COLUMNS, "outcome"]
     assert pq.read_table(tmp_path / "scores" / "part-a.parquet").equals(table)  # the record adds no column
-    footer_only = output.read_parts("scores", [], SCORES_SCHEMA)
+    footer_only = [output.read_part(*file, [], SCORES_SCHEMA) for file in listed.items()]
     assert [part.table for part in footer_only] == [None, None] and [part.rows for part in footer_only] == [2, 2]
 
 

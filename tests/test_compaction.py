@@ -52,9 +52,9 @@ def part_names(output: Output, directory: str) -> list[str]:
 
 def every_pair_once(output: Output, job) -> None:
     """What a resume of the output finds: each pair once among the done keys, in scores/ and in traces/."""
-    open_output(output, job)
+    listed = open_output(output, job)
     queries = pa.table({"query_id": ["q1", "q2"], "partition": pa.array([0, 0], pa.int32())})
-    done = done_in(output, InputKeys(KEY_SCHEMA.empty_table(), queries, {"input": 0}), num_cpus=0.5)
+    done = done_in(output, listed, InputKeys(KEY_SCHEMA.empty_table(), queries, {"input": 0}), num_cpus=0.5)
     keys = done.keys.for_shards(pa.array(["input"]))
     expected = sorted(pair for batch in BATCHES for pair in batch)
     assert sorted(zip(keys["query_id"].to_pylist(), keys["doc_id"].to_pylist())) == expected

@@ -71,7 +71,7 @@ def test_repeats_across_shards_are_found_and_done_keys_are_fetched_by_partition(
     output = Output(str(tmp_path / "out"), RunConfig())
     output.write_table("scores", "part-1.parquet", keys([("q0", "a"), ("q2", "a")]))
     output.write_table("unscored", "part-2.parquet", keys([("q3", "a")]))
-    done = index_done(output, inputs, num_cpus=0.5)
+    done = index_done(output, output.listings("scores", "unscored"), inputs, num_cpus=0.5)
     assert done.rows == 3
     s0, s1, s2 = (pa.array([shard.path]) for shard in shards)
     assert pairs_of(done.for_shards(s0)) == [("q0", "a")]
@@ -79,4 +79,5 @@ def test_repeats_across_shards_are_found_and_done_keys_are_fetched_by_partition(
     assert pairs_of(done.for_shards(s2)) == [("q2", "a"), ("q3", "a")]
     assert pairs_of(done.for_shards(pa.chunked_array([[shards[0].path], [shards[2].path]]))) == [
         ("q0", "a"), ("q2", "a"), ("q3", "a")]
-    assert index_done(Output(str(tmp_path / "empty"), RunConfig()), inputs, num_cpus=0.5).for_shards(s0).num_rows == 0
+    empty = Output(str(tmp_path / "empty"), RunConfig())
+    assert index_done(empty, empty.listings("scores", "unscored"), inputs, num_cpus=0.5).for_shards(s0).num_rows == 0

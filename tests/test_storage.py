@@ -1,5 +1,5 @@
-"""An output's listing of its part files, on local disk, on S3 (moto's server), where it is read
-a page at a time, and on any other fsspec store (its in-memory one)."""
+"""An output's listing of its part files, and removing a directory: on local disk, on S3 (moto's
+server), where a listing is read a page at a time, and on any other fsspec store (its in-memory one)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from rank1_batch.job.storage import Output
 def output(request, tmp_path):
     if request.param == "local":
         return Output(str(tmp_path / "out"), RunConfig())
+    # the test's own name, without the brackets a glob would read as a pattern
+    name = request.node.name.replace("_", "-").replace("[", "-").rstrip("]")[:40].lower()
     if request.param == "memory":
-        return Output(f"memory://{request.node.name}/out", RunConfig())
+        return Output(f"memory://{name}/out", RunConfig())
     endpoint = request.getfixturevalue("s3_endpoint")
-    bucket = f"listing-{request.node.name.replace('_', '-').replace('[', '-').rstrip(']')[:40].lower()}"
+    bucket = f"listing-{name}"
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
     return Output(f"s3://{bucket}/out", RunConfig(s3_endpoint_url=endpoint))
 
@@ -37,3 +39,15 @@ def test_a_listing_has_each_part_file_with_its_size_over_several_pages(output, m
     assert list(listed.values()) == [10, 11, 12, 13, 14]  # in name order
     assert listed == {output.path("scores", name): size for name, size in sizes.items()}
     assert output.listing("missing") == {}
+
+
+def test_removing_a_directory_removes_its_files_and_a_missing_one_is_nothing_to_do(output):
+    for name in ("part-0.parquet", "part-1.parquet"):
+        output.write_bytes(f"ranked/{name}", b"x")
+    output.write_bytes("ranked.txt", b"a file sharing the name's start")
+
+    output.remove("ranked")
+    output.remove("ranked")  # gone already
+
+    assert output.listing("ranked") == {}
+    assert output.entries() == ["ranked.txt"]

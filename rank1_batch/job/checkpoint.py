@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..config import DEFAULT_FIT, JobConfig, JobError
-from .compaction import finish_interrupted
+from .compaction import DIRECTORIES, TWINS, finish_interrupted
 from .engine_deaths import DEATHS_DIR
 from .key_index import DoneKeys, InputKeys, index_done
 from .lease import LEASE_FILE
 from .outputs import JOB_FILE, LAYOUT, MANIFEST
 from .parallel_reads import in_parallel
 from ..schema import ROW_HASH
-from .storage import Output, staging_name
+from .storage import Listings, Output, staging_name
 
 # Options that do not change what a run writes; anything else must match to resume. Prefix
 # caching is not free: the label pass reads each answered pair's label from the prefix the main
@@ -118,10 +118,11 @@ def check_output(output: Output, job: JobConfig) -> list[str]:
     return entries
 
 
-def open_output(output: Output, job: JobConfig) -> None:
+def open_output(output: Output, job: JobConfig) -> Listings:
     """Claim a checked output for this job (the caller holds its lease), and leave in it only
     what a resume keeps. With `overwrite`, the previous run's outputs (the layout's paths,
-    nothing else) are removed first."""
+    nothing else) are removed first. Returns the listings of its committed part files, which
+    `done_in` reads: one round of listings serves every step, as only the lease's holder writes."""
     present = set(check_output(output, job))
     if job.run.overwrite:
         # with the hidden copy a killed write of a top-level file leaves (see `Output.write_bytes`)
@@ -132,20 +133,21 @@ def open_output(output: Output, job: JobConfig) -> None:
         removed = [MANIFEST, "errors", DEATHS_DIR]
     in_parallel(lambda name: output.fs.rm(output.path(name), recursive=True), [name for name in removed if name in present])
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())
-    finish_interrupted(output)
-    _remove_orphans(output)
+    listed = finish_interrupted(output, output.listings(*DIRECTORIES, *TWINS))
+    _remove_orphans(output, listed)
+    return listed
 
 
-def done_in(output: Output, inputs: InputKeys, num_cpus: float) -> Done:
-    """What an opened output already holds. Rejected rows are few (the failed share bounds
-    them), so the driver keeps them; the done keys stay in Ray's object store."""
-    rejected = output.read("rejects", [ROW_HASH], pa.schema([(ROW_HASH, pa.uint64())]))
-    return Done(index_done(output, inputs, num_cpus), rejected[ROW_HASH].combine_chunks())
+def done_in(output: Output, listed: Listings, inputs: InputKeys, num_cpus: float) -> Done:
+    """What an opened output already holds, from its listings (see `open_output`). Rejected
+    rows are few (the failed share bounds them), so the driver keeps them; the done keys stay in
+    Ray's object store."""
+    rejected = output.read("rejects", [ROW_HASH], pa.schema([(ROW_HASH, pa.uint64())]), listed["rejects"])
+    return Done(index_done(output, listed, inputs, num_cpus), rejected[ROW_HASH].combine_chunks())
 
 
-def _remove_orphans(output: Output) -> None:
+def _remove_orphans(output: Output, listed: Listings) -> None:
     """Trace and label files whose scores file was never committed: their pairs will be redone."""
-    listed = output.listings("scores", "traces", "labels")
     committed = {path.rsplit("/", 1)[-1] for path in listed["scores"]}
-    in_parallel(output.fs.rm, [path for path in [*listed["traces"], *listed["labels"]]
+    in_parallel(output.fs.rm, [path for twin in TWINS for path in listed[twin]
                                if path.rsplit("/", 1)[-1] not in committed])

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .outputs import commit_record
 from .parallel_reads import in_parallel
-from .storage import Output, record_of
+from .storage import Listings, Output, record_of
 
 COMPACTED_PREFIX = "compact-"
 # Merged files of about this size: large enough that listing and opening them is cheap, small
@@ -84,14 +84,21 @@ def _remove(output: Output, directories: list[str], names: list[str]) -> None:
         in_parallel(output.remove_file, [f"{directory}/{name}" for name in names])
 
 
-def finish_interrupted(output: Output) -> None:
-    """Remove the files that a committed merged file replaces, where a kill left them behind."""
-    for directory, listed in output.listings(*DIRECTORIES).items():
-        for path, size in listed.items():
+def finish_interrupted(output: Output, listed: Listings) -> Listings:
+    """Remove the files that a committed merged file replaces, where a kill left them behind;
+    return the output's listings (`listed`, of `DIRECTORIES` and `TWINS` at least) without them."""
+    removed: dict[str, set[str]] = {directory: set() for directory in listed}
+    for directory in DIRECTORIES:
+        for path, size in listed[directory].items():
             if path.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX):
                 with output.open_part(path, size) as handle:
                     replaced = record_of(pq.ParquetFile(handle))["replaces"]
-                _remove(output, [*(TWINS if directory == "scores" else ()), directory], replaced)
+                directories = [*(TWINS if directory == "scores" else ()), directory]
+                _remove(output, directories, replaced)
+                for each in directories:
+                    removed[each].update(replaced)
+    return {directory: {path: size for path, size in files.items() if path.rsplit("/", 1)[-1] not in removed[directory]}
+            for directory, files in listed.items()}
 
 
 def compact(output: Output, merge_cpus: float) -> dict[str, tuple[int, int]]:

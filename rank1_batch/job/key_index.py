@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from ..schema import to_contract
 from .parallel_reads import FILES_PER_READING_TASK, ROWS_PER_READING_TASK, in_groups, in_parallel
-from .storage import Output, Shard
+from .storage import Listings, Output, Shard
 
 KEY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])
 # Input rows per partition of done keys: what a prepare task fetches for a shard.
@@ -192,12 +192,12 @@ class DoneKeys:
         return pa.concat_tables([KEY_SCHEMA.empty_table(), *tables])
 
 
-def index_done(output: Output, inputs: InputKeys, num_cpus: float) -> DoneKeys:
-    """Read the keys of every committed scores/ and unscored/ file in Ray tasks, into one table
-    per input partition."""
+def index_done(output: Output, listed: Listings, inputs: InputKeys, num_cpus: float) -> DoneKeys:
+    """Read the keys of every scores/ and unscored/ file of the output's listings in Ray tasks,
+    into one table per input partition."""
     import ray
 
-    files = [file for listed in output.listings("scores", "unscored").values() for file in listed.items()]
+    files = [file for directory in ("scores", "unscored") for file in listed[directory].items()]
     if not files:
         return DoneKeys((), 0, inputs.partition_of_shard)
     partitions = inputs.partitions

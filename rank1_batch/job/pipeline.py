@@ -88,9 +88,9 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
 
     with Lease(output, job.run.lease_timeout) as lease, store.writing(lease.holder.run_id) if store else contextlib.nullcontext():
         reuse = stages.Reuse(store, result, lease.holder.run_id) if store else None
-        open_output(output, job)
+        listed = open_output(output, job)
         inputs = index_inputs(fs, shards, job.run.columns, PREPARE_CPUS)
-        done = done_in(output, inputs, PREPARE_CPUS)
+        done = done_in(output, listed, inputs, PREPARE_CPUS)
         duplicates = find_duplicates(fs, shards, job, inputs.repeated)
         gate = start_gate(output, lease.holder.run_id, job.run.lease_timeout)
         batches = committed_batches(read(fs, shards, job), job, output, done, duplicates, reuse, gpus, gate)

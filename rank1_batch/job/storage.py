@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from ..config import RunConfig
 from ..schema import InputError, conform
-from .parallel_reads import in_parallel
+from .parallel_reads import READERS, in_parallel
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 # The footer key under which a part file carries what it commits (see `Output.write_table`).
@@ -42,7 +42,8 @@ def storage_options(url: str, run: RunConfig) -> dict[str, Any]:
     the standard AWS environment variables, config files and instance roles."""
     if fsspec.utils.get_protocol(url) not in ("s3", "s3a"):
         return {}
-    options: dict[str, Any] = {}
+    # botocore's pool holds 10 connections by default: fewer than the files a process reads at once
+    options: dict[str, Any] = {"config_kwargs": {"max_pool_connections": READERS}}
     if run.s3_endpoint_url:
         options["endpoint_url"] = run.s3_endpoint_url
     if run.s3_profile:
@@ -151,6 +152,10 @@ def content_name(*keys: pa.Array) -> str:
     return f"part-{digest.hexdigest()[:32]}.parquet"
 
 
+# Listings of an output's directories: each committed part file's size in bytes, by path.
+Listings = dict[str, dict[str, int]]
+
+
 class Output:
     """The output URL: part files under sub-directories, and small files at the top."""
 
@@ -243,7 +248,7 @@ class Output:
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
 
-    def listings(self, *directories: str) -> dict[str, dict[str, int]]:
+    def listings(self, *directories: str) -> Listings:
         """`listing` of each directory, listed at once."""
         return dict(zip(directories, in_parallel(self.listing, list(directories))))
 
@@ -259,22 +264,20 @@ class Output:
             return pa.BufferReader(self.fs.cat_file(path, start=0, end=size))
         return self.fs.open(path, "rb", size=size)
 
-    def read(self, directory: str, columns: list[str], schema: pa.Schema) -> pa.Table:
-        """All committed part files of a directory as one table (empty with `schema` if none)."""
+    def read(self, directory: str, columns: list[str], schema: pa.Schema,
+             listed: dict[str, int] | None = None) -> pa.Table:
+        """All committed part files of a directory as one table (empty with `schema` if none):
+        those of `listed`, its listing when the caller has one, else of a listing now. Files are
+        read many at a time: on object storage each costs round trips, not bandwidth."""
+        files = self.listing(directory) if listed is None else listed
+        parts = in_parallel(lambda file: self.read_part(*file, columns, schema), list(files.items()))
         return pa.concat_tables([pa.schema([schema.field(name) for name in columns]).empty_table(),
-                                 *(part.table for part in self.read_parts(directory, columns, schema))])
-
-    def read_parts(self, directory: str, columns: list[str], schema: pa.Schema,
-                   without_record: list[str] = ()) -> list[Part]:
-        """Each committed part file of a directory: the `columns` given (none reads the footer
-        alone), with `without_record` as well from a file that carries no record. Files are read
-        many at a time: on object storage each costs round trips, not bandwidth."""
-        return in_parallel(lambda file: self.read_part(*file, columns, schema, without_record),
-                           list(self.listing(directory).items()))
+                                 *(part.table for part in parts)])
 
     def read_part(self, path: str, size: int, columns: list[str], schema: pa.Schema,
                   without_record: list[str] = ()) -> Part:
-        """One committed part file of `size` bytes, as `read_parts` reads each."""
+        """One committed part file of `size` bytes: the `columns` given (none reads the footer
+        alone), with `without_record` as well if the file carries no record."""
         with self.open_part(path, size) as handle:
             parquet = pq.ParquetFile(handle)
             written = record_of(parquet)
@@ -367,9 +370,12 @@ class Output:
             pass
 
     def remove(self, relative: str) -> None:
-        """Remove a file or directory of the output, if it is there."""
-        if self.exists(relative):
+        """Remove a file or directory of the output, if it is there (asking first would cost a
+        request or two more on an object store)."""
+        try:
             self.fs.rm(self.path(relative), recursive=True)
+        except FileNotFoundError:
+            pass
 
     def entries(self) -> list[str]:
         """The names at the output's top level, listed now (none if it does not exist)."""
