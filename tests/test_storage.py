@@ -1,4 +1,4 @@
-"""An output's listing of its part files, and removing a directory: on local disk, on S3 (moto's
+"""An output's listing of its part files, and removing a file or a directory: on local disk, on S3 (moto's
 server), where a listing is read a page at a time, and on any other fsspec store (its in-memory one)."""
 
 from __future__ import annotations
@@ -41,13 +41,15 @@ def test_a_listing_has_each_part_file_with_its_size_over_several_pages(output, m
     assert output.listing("missing") == {}
 
 
-def test_removing_a_directory_removes_its_files_and_a_missing_one_is_nothing_to_do(output):
+def test_removing_a_file_or_a_directory_removes_it_and_a_missing_one_is_nothing_to_do(output):
     for name in ("part-0.parquet", "part-1.parquet"):
         output.write_bytes(f"ranked/{name}", b"x")
-    output.write_bytes("ranked.txt", b"a file sharing the name's start")
+    for name in ("ranked.txt", "_manifest.json"):  # the first shares the directory's name's start
+        output.write_bytes(name, b"x")
 
-    output.remove("ranked")
-    output.remove("ranked")  # gone already
+    for name in ("ranked", "_manifest.json"):
+        output.remove(name)
+        output.remove(name)  # gone already
 
     assert output.listing("ranked") == {}
     assert output.entries() == ["ranked.txt"]

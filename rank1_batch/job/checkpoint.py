@@ -131,7 +131,7 @@ def open_output(output: Output, job: JobConfig) -> Listings:
         # errors/ holds pairs this run scores again, and engine deaths count within one run; a
         # finished run's manifest is rewritten at the end
         removed = [MANIFEST, "errors", DEATHS_DIR]
-    in_parallel(lambda name: output.fs.rm(output.path(name), recursive=True), [name for name in removed if name in present])
+    in_parallel(output.remove, [name for name in removed if name in present])
     output.write_bytes(JOB_FILE, json.dumps(identity(job), indent=2, sort_keys=True).encode())
     listed = finish_interrupted(output, output.listings(*DIRECTORIES, *TWINS))
     _remove_orphans(output, listed)

@@ -226,15 +226,17 @@ class Output:
         A large run's directory holds tens of thousands of files, and fsspec's listing keeps a
         dict of a dozen details for each (s3fs caches them all as well), several times what
         this keeps: so local disk and S3 are listed here, page by page, for paths and sizes."""
+        return dict(sorted((path, size) for path, size in self._files(directory) if is_part_file(path)))
+
+    def _files(self, directory: str) -> Iterator[tuple[str, int]]:
+        """Each file under a directory of the output (none if it does not exist) and its size."""
         base = self.path(directory)
         if self.is_local:
-            listed = _local_files(base)
-        elif self.is_s3:
-            listed = self._s3_files(base)
-        else:
-            self.fs.invalidate_cache(base)
-            listed = ((path, info["size"]) for path, info in self.fs.find(base, detail=True).items())
-        return dict(sorted((path, size) for path, size in listed if is_part_file(path)))
+            return _local_files(base)
+        if self.is_s3:
+            return self._s3_files(base)
+        self.fs.invalidate_cache(base)
+        return ((path, info["size"]) for path, info in self.fs.find(base, detail=True).items())
 
     def _s3_files(self, base: str) -> Iterator[tuple[str, int]]:
         """Each file under `base` on S3 and its size, a page of the listing at a time."""
@@ -370,12 +372,16 @@ class Output:
             pass
 
     def remove(self, relative: str) -> None:
-        """Remove a file or directory of the output, if it is there (asking first would cost a
-        request or two more on an object store)."""
-        try:
-            self.fs.rm(self.path(relative), recursive=True)
-        except FileNotFoundError:
-            pass
+        """Remove a file or a directory of the output, with everything in it, if it is there. On
+        S3 the path's own key and the keys one listing finds under it go in bulk requests (1,000
+        keys each, and a missing key is no error): s3fs's own removal asks first, more than once,
+        what the path is."""
+        target = self.path(relative)
+        if self.is_s3:
+            self.fs.rm([target, *(path for path, _ in self._s3_files(target))])
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(target, recursive=True)
 
     def entries(self) -> list[str]:
         """The names at the output's top level, listed now (none if it does not exist)."""
