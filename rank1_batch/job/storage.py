@@ -226,17 +226,15 @@ class Output:
         A large run's directory holds tens of thousands of files, and fsspec's listing keeps a
         dict of a dozen details for each (s3fs caches them all as well), several times what
         this keeps: so local disk and S3 are listed here, page by page, for paths and sizes."""
-        return dict(sorted((path, size) for path, size in self._files(directory) if is_part_file(path)))
-
-    def _files(self, directory: str) -> Iterator[tuple[str, int]]:
-        """Each file under a directory of the output (none if it does not exist) and its size."""
         base = self.path(directory)
         if self.is_local:
-            return _local_files(base)
-        if self.is_s3:
-            return self._s3_files(base)
-        self.fs.invalidate_cache(base)
-        return ((path, info["size"]) for path, info in self.fs.find(base, detail=True).items())
+            listed = _local_files(base)
+        elif self.is_s3:
+            listed = self._s3_files(base)
+        else:
+            self.fs.invalidate_cache(base)
+            listed = ((path, info["size"]) for path, info in self.fs.find(base, detail=True).items())
+        return dict(sorted((path, size) for path, size in listed if is_part_file(path)))
 
     def _s3_files(self, base: str) -> Iterator[tuple[str, int]]:
         """Each file under `base` on S3 and its size, a page of the listing at a time."""
