@@ -62,8 +62,8 @@ def test_a_file_with_a_record_is_read_for_its_ranking_columns_only(tmp_path):
     output.write_table("scores", "part-a.parquet", table, record=commit_record(table))
     output.write_table("scores", "part-b.parquet", table)
     listed = output.listing("scores")
-    parts = {part.record is not None: part for part in
-             (output.read_part(*file, RANKING_COLUMNS, SCORES_SCHEMA, without_record=["outcome"]) for file in listed.items())}
+    read = [output.read_part(*file, RANKING_COLUMNS, SCORES_SCHEMA, without_record=["outcome"]) for file in listed.items()]
+    parts = {part.record is not None: part for part in read}
     assert parts[True].table.column_names == RANKING_COLUMNS
     assert parts[True].record == commit_record(table)
     assert parts[False].table.column_names == [*RANKING_COLUMNS, "outcome"]

@@ -1,5 +1,6 @@
-"""An output's listing of its part files, and removing a file or a directory: on local disk, on S3 (moto's
-server), where a listing is read a page at a time, and on any other fsspec store (its in-memory one)."""
+"""An output's listing of its part files, and removing a file or a directory: on local disk, on
+S3 (moto's server), where a listing is read a page at a time, and on any other fsspec store (its
+in-memory one)."""
 
 from __future__ import annotations
 
