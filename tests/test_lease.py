@@ -123,3 +123,17 @@ def test_a_runs_workers_stop_writing_once_its_lease_is_taken_or_no_longer_renewe
     assert watch.lost() is None
     time.sleep(1.1)
     assert "was last renewed 1 s ago" in watch.lost()
+
+
+def test_a_driver_that_lost_its_lease_writes_nothing_more(tmp_path):
+    """Its last batches may commit before the workers' watch reads the lease again: the driver
+    reads it itself before each of its own writes, and is refused at once."""
+    output = Output(str(tmp_path), RunConfig())
+    lease = Lease(output)  # renewed every 10 s: the renewal has not noticed by the time of the check
+    lease.acquire()
+    lease.ensure_held("ranked/ and run.trec")
+    place(output, elsewhere("next0run"))
+    with pytest.raises(OutputInUse, match="held by run next0run .*; this run stops before writing ranked/"):
+        lease.ensure_held("ranked/ and run.trec")
+    lease.release()
+    assert read_holder(output, LEASE_FILE).run_id == "next0run"

@@ -250,6 +250,15 @@ class Lease:
         return OutputInUse(f"{self.output.url} was taken by {held.describe() if held else 'another run'} at the "
                            "same moment; choose another --output")
 
+    def ensure_held(self, writing: str) -> None:
+        """Raise `OutputInUse` unless the lease, read now, still names this run: the driver's writes
+        after the stream (`writing` says which) are not gated by the workers' watch, whose last
+        read may be seconds old, so a run whose last batches beat that read stops here."""
+        held = self.current()
+        if held is None or held.run_id != self.holder.run_id or self.heartbeat.lost.is_set():
+            raise OutputInUse(f"{self.output.url} is now held by {held.describe() if held else 'no run'}; this run "
+                              f"stops before writing {writing}, and what it committed is kept")
+
     def release(self) -> None:
         self.heartbeat.stop()
 

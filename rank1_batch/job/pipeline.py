@@ -30,7 +30,7 @@ from ..model.engine_metrics import EngineFigures
 from .key_index import KEY_SCHEMA, index_inputs, key_columns
 from .lease import Lease, OutputInUse
 from .score_store import ScoreStore, model_fingerprint, result_identity
-from .outputs import ThisRun, write_manifest, write_ranked_outputs
+from .outputs import MANIFEST, ThisRun, write_manifest, write_ranked_outputs
 from ..model.judgement import OUTCOMES
 from ..cluster.resources import (
     PREPARE_CPUS,
@@ -98,9 +98,12 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         to_do = input_rows - done.pairs
         this_run = follow(batches, to_do, show_progress, job.run, gate, lease.heartbeat.lost) if to_do > 0 else ThisRun()
         if job.run.compact:
+            lease.ensure_held("compacted files")
             compact(output, PREPARE_CPUS)
 
+        lease.ensure_held("ranked/ and run.trec")
         counts = write_ranked_outputs(output, job, input_rows, PREPARE_CPUS)
+        lease.ensure_held(MANIFEST)
         return write_manifest(output, job, counts, this_run, time.monotonic() - started)
 
 
