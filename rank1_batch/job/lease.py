@@ -251,13 +251,13 @@ class Lease:
                            "same moment; choose another --output")
 
     def ensure_held(self, writing: str) -> None:
-        """Raise `OutputInUse` unless the lease, read now, still names this run: the driver's writes
-        after the stream (`writing` says which) are not gated by the workers' watch, whose last
-        read may be seconds old, so a run whose last batches beat that read stops here."""
-        held = self.current()
-        if held is None or held.run_id != self.holder.run_id or self.heartbeat.lost.is_set():
-            raise OutputInUse(f"{self.output.url} is now held by {held.describe() if held else 'no run'}; this run "
-                              f"stops before writing {writing}, and what it committed is kept")
+        """Raise `OutputInUse` unless this run may still write its output (`why_not_held`), by the
+        lease read now: the driver's writes after the stream (`writing` says which) are not gated
+        by the workers' watch, whose last read may be seconds old, so a run whose last batches
+        beat that read stops here."""
+        lost = why_not_held(self.output, self.holder.run_id, self.current(), self.stale_after)
+        if lost is not None:
+            raise OutputInUse(f"{lost}; this run stops before writing {writing}, and what it committed is kept")
 
     def release(self) -> None:
         self.heartbeat.stop()
@@ -290,11 +290,17 @@ class LeaseWatch:
 
     def lost(self) -> str | None:
         """Why the run may no longer write its output, or None while it holds it."""
-        held = self.held
-        if held is None or held.run_id != self.run_id:
-            return f"{self.output.url} is now held by {held.describe() if held else 'no run'}"
-        age = time.time() - held.heartbeat
-        if age >= self.stale_after / 2:
-            return (f"this run's lease on {self.output.url} was last renewed {age:.0f} s ago, and another run may "
-                    f"take it over after --lease-timeout {self.stale_after:g} s")
-        return None
+        return why_not_held(self.output, self.run_id, self.held, self.stale_after)
+
+
+def why_not_held(output: Output, run_id: str, held: Holder | None, stale_after: float) -> str | None:
+    """Why the run `run_id` may no longer write its output, given the lease's record `held`, or
+    None while it may: the record names the run, with a heartbeat younger than half the stale
+    limit, so the run stops before any successor may take over."""
+    if held is None or held.run_id != run_id:
+        return f"{output.url} is now held by {held.describe() if held else 'no run'}"
+    age = time.time() - held.heartbeat
+    if age >= stale_after / 2:
+        return (f"this run's lease on {output.url} was last renewed {age:.0f} s ago, and another run may take it "
+                f"over after --lease-timeout {stale_after:g} s")
+    return None
