@@ -4,7 +4,7 @@ BUILD ?= cpu
 VENV := .venv
 INSTALLED := $(VENV)/.installed-$(BUILD)
 
-.PHONY: setup test demo
+.PHONY: setup test test-quick demo
 
 setup: $(INSTALLED)
 
@@ -20,8 +20,14 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# Two pytest-xdist workers, each with its own Ray, engine and S3 server: much of a test's time is
+# spent starting processes, which leaves the other core free.
 test: setup
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup
+
+# The tests of pure logic: no Ray, no engine, no S3 server.
+test-quick: setup
+	$(VENV)/bin/python -m pytest -m "not integration"
 
 demo: setup
 	$(VENV)/bin/rank1-batch demo

@@ -1,4 +1,5 @@
-"""Shared, expensive fixtures: one vLLM engine and one Ray per test session."""
+"""Shared, expensive fixtures: one vLLM engine and one Ray per test session, and the marks that
+tell the tests of pure logic (`make test-quick`) from those that start real components."""
 
 from __future__ import annotations
 
@@ -20,6 +21,27 @@ import pyarrow.parquet as pq
 from rank1_batch.config import EngineConfig, JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Fixtures that start a real component: a test that uses one, directly or through another
+# fixture, is an integration test. Tests that start one without such a fixture are marked so.
+REAL_COMPONENTS = {"ray_session", "scorer", "cross_encoder", "s3_endpoint"}
+# Module fixtures that start Ray or a run in processes of their own.
+OWN_PROCESSES = {"finished_demo", "ray_head"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        fixtures = set(item.fixturenames)
+        if OWN_PROCESSES & fixtures:
+            item.add_marker(pytest.mark.own_processes)
+        if REAL_COMPONENTS & fixtures or item.get_closest_marker("own_processes"):
+            item.add_marker(pytest.mark.integration)
+        # `make test` runs two pytest-xdist workers with --dist loadgroup: a module's tests share a
+        # worker, and so build its module fixtures once; a test that runs processes of its own and
+        # shares no fixture with its module goes to whichever worker is free.
+        alone = item.get_closest_marker("own_processes") and not OWN_PROCESSES & fixtures
+        item.add_marker(pytest.mark.xdist_group(item.nodeid if alone else item.module.__name__))
 
 # The tiny model's settings in every integration test: eager mode starts in seconds on a CPU.
 TINY_ENGINE = EngineConfig(

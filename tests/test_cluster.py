@@ -107,6 +107,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
+@pytest.mark.integration
 def test_unreachable_address_fails_fast_naming_it(closed_port, client_env, tmp_path):
     address = f"127.0.0.1:{closed_port}"
     result, seconds = run_command(["--ray-address", address], client_env, tmp_path)
@@ -126,6 +127,7 @@ def stale_recorded_cluster(closed_port):
     shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.own_processes
 def test_stale_recorded_cluster_is_not_joined(stale_recorded_cluster, closed_port, client_env):
     """Without an address the run starts a Ray of its own, and leaves the record as it was."""
     script = (
@@ -144,6 +146,7 @@ def test_stale_recorded_cluster_is_not_joined(stale_recorded_cluster, closed_por
     assert (stale_recorded_cluster / "ray" / "ray_current_cluster").read_text() == f"127.0.0.1:{closed_port}\n"
 
 
+@pytest.mark.integration
 def test_auto_fails_fast_on_a_stale_recorded_cluster(stale_recorded_cluster, closed_port, client_env, tmp_path):
     env = {**client_env, "RAY_TMPDIR": str(stale_recorded_cluster)}
     result, seconds = run_command(["--ray-address", "auto"], env, tmp_path)

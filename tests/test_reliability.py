@@ -91,9 +91,11 @@ def test_unreadable_file_fails_naming_it(tmp_path, content):
     assert not (tmp_path / "output").exists()
 
 
-def start_run(input_dir: Path, output: Path, **options) -> subprocess.Popen:
-    command = [CLI, "run", "--input", str(input_dir), "--output", str(output), "--batch-size", "4",
-               *tiny_run_options(**options)]
+def start_run(input_dir: Path, output: Path, batch_size: int = 4, **options) -> subprocess.Popen:
+    """A run in a process of its own, with its own local Ray; small batches, so that it can be
+    stopped between commits (a run that finishes what others left may take larger ones: the batch
+    size decides no result)."""
+    command = [CLI, "run", "--input", str(input_dir), "--output", str(output), *tiny_run_options(batch_size=batch_size, **options)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -122,20 +124,22 @@ def finish(process: subprocess.Popen) -> str:
     return out.decode()
 
 
-def test_driver_killed_at_several_points_then_resumed(tmp_path):
+@pytest.mark.own_processes
+def test_driver_killed_at_several_points_then_resumed_storing_each_pair_once(tmp_path):
+    """Killed before anything is scored, then with some batches committed, then while ranking;
+    each run adds its judgements to a score store, which ends with each pair once."""
     pairs = candidate_lists(queries=4, per_query=12, seed=31)
     write_shards(pairs, tmp_path / "input", shards=3)
-    output = tmp_path / "output"
+    output, store = tmp_path / "output", tmp_path / "store"
 
-    # before anything is scored, then with some batches committed, then while ranking
-    assert kill_when(start_run(tmp_path / "input", output), lambda: (output / "_job.json").exists())
+    assert kill_when(start_run(tmp_path / "input", output, store=store), lambda: (output / "_job.json").exists())
     assert not (output / "_manifest.json").exists()
-    assert kill_when(start_run(tmp_path / "input", output), lambda: committed(output) >= 8)
+    assert kill_when(start_run(tmp_path / "input", output, store=store), lambda: committed(output) >= 8)
     done_before = committed(output)
     assert not (output / "_manifest.json").exists()
-    kill_when(start_run(tmp_path / "input", output), lambda: (output / "ranked").exists())
+    kill_when(start_run(tmp_path / "input", output, store=store), lambda: (output / "ranked").exists())
 
-    finish(start_run(tmp_path / "input", output))
+    finish(start_run(tmp_path / "input", output, batch_size=16, store=store))
     manifest = json.loads((output / "_manifest.json").read_text())
     for directory in ("scores", "traces", "ranked"):
         table = read_dir(output / directory)
@@ -143,22 +147,13 @@ def test_driver_killed_at_several_points_then_resumed(tmp_path):
     assert manifest["counts"]["scored"] == pairs.num_rows
     assert done_before >= 8  # committed work survived the kills and was not redone
     assert not list(output.rglob(".*.tmp"))  # no half-written file is left where readers look
-
-
-def test_a_run_with_a_store_killed_then_resumed_stores_each_pair_once(tmp_path):
-    pairs = candidate_lists(queries=3, per_query=8, seed=33)
-    write_shards(pairs, tmp_path / "input", shards=2)
-    output, store = tmp_path / "output", tmp_path / "store"
-    assert kill_when(start_run(tmp_path / "input", output, store=store), lambda: committed(output) >= 8)
-    finish(start_run(tmp_path / "input", output, store=store))
-    for directory in ("scores", "traces"):
-        assert pair_keys(read_dir(output / directory)) == pair_keys(pairs), directory
     stats = ScoreStore.open(str(store)).stats()
-    # Pairs committed before the kill were stored first, so the resume neither scores nor stores them again.
+    # Pairs committed before a kill were stored first, so a resume neither scores nor stores them again.
     assert (stats["rows"], stats["duplicate_rows"]) == (pairs.num_rows, 0)
-    assert not [writer for writer in stats["writers"] if writer["live"]]  # the killed run's record is seen as dead
+    assert not [writer for writer in stats["writers"] if writer["live"]]  # the killed runs' records are seen as dead
 
 
+@pytest.mark.own_processes
 def test_sigterm_drains_the_batches_in_flight_then_a_rerun_finishes(tmp_path):
     """Pre-emption: after SIGTERM no batch starts, the ones the engine holds are committed within
     the grace period, the output is released and the run exits non-zero; a re-run does the rest."""
@@ -180,11 +175,12 @@ def test_sigterm_drains_the_batches_in_flight_then_a_rerun_finishes(tmp_path):
     assert names["traces"] == names["scores"]
     assert not (output / "_lease.json").exists() and not (output / "_manifest.json").exists()
 
-    finish(start_run(tmp_path / "input", output))
+    finish(start_run(tmp_path / "input", output, batch_size=32))
     for directory in ("scores", "traces"):
         assert pair_keys(read_dir(output / directory)) == pair_keys(pairs), directory
 
 
+@pytest.mark.own_processes
 @pytest.mark.parametrize("victim", ["actor", "engine"])
 def test_engine_actor_or_its_engine_killed_mid_batch_is_replaced(tmp_path, victim):
     """The actor's process, or only its engine's (the actor then sees the engine dead, records
@@ -197,7 +193,9 @@ def test_engine_actor_or_its_engine_killed_mid_batch_is_replaced(tmp_path, victi
     while committed(output) < 4:
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
-    actors = [p for p in psutil.process_iter(["cmdline"]) if "MapWorker(MapBatches(ScorePairs))" in " ".join(p.info["cmdline"] or [])]
+    # this run's own actors only: other tests may run beside it
+    actors = [p for p in psutil.Process(process.pid).children(recursive=True)
+              if "MapWorker(MapBatches(ScorePairs))" in " ".join(p.as_dict(["cmdline"])["cmdline"] or [])]
     assert actors, "no scorer actor found"
     for actor in actors:
         for process_to_kill in [actor] if victim == "actor" else actor.children(recursive=True):
@@ -208,6 +206,7 @@ def test_engine_actor_or_its_engine_killed_mid_batch_is_replaced(tmp_path, victi
     assert not list((output / DEATHS_DIR).glob("*"))  # retried batches were committed, and their records removed
 
 
+@pytest.mark.own_processes
 def test_engine_that_cannot_start_fails_the_run_with_its_error(tmp_path):
     write_shards(candidate_lists(queries=1, per_query=2, seed=3), tmp_path / "input", shards=1)
     process = start_run(tmp_path / "input", tmp_path / "output", max_model_len=50_000)

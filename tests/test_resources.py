@@ -112,6 +112,7 @@ print(pool.take_all()[0]["seen"])
 """
 
 
+@pytest.mark.own_processes
 def test_multi_gpu_engine_workers_run_in_the_engine_placement_group():
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     finished = subprocess.run([sys.executable, "-c", MULTI_GPU_POOL], env=env, capture_output=True, text=True, timeout=300)

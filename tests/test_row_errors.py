@@ -20,6 +20,8 @@ from rank1_batch.job.storage import Output, content_name
 from .conftest import tiny_job
 
 OUT_OF_VOCABULARY = 10_000_000
+# The actor starts its own engine in this process.
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,7 @@ def finished_demo(tmp_path_factory) -> Path:
     return made[0]
 
 
+@pytest.mark.integration
 def test_demo_refuses_a_directory_it_did_not_write(tmp_path):
     (tmp_path / "thesis.tex").write_text("years of work")
     (tmp_path / "data").mkdir()
@@ -137,6 +138,7 @@ def test_yesterdays_command_resumes_an_output_made_before_fit_and_prefix_caching
     assert refused.exit_code != 0 and "engine.fit: 'budget' -> 'reference'" in refused.output
 
 
+@pytest.mark.integration
 def test_options_without_effect_are_named(tmp_path):
     warned = cli("run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"), "--model", "tiny",
                  "--answered-only", "--no-labels", "--run-tag", "nightly", "--no-trec-run")
@@ -239,6 +241,7 @@ def test_a_stall_names_the_stage_that_holds_the_work():
     assert stage({}, 0).startswith("no engine actor has been placed")
 
 
+@pytest.mark.own_processes
 def test_a_run_whose_output_is_taken_over_stops_writing_and_leaves_the_successor(tmp_path):
     """Another run takes the output over, as one does after this run's heartbeat stalled past
     --lease-timeout: no batch is committed after the run's workers next look at the lease (every
@@ -277,6 +280,7 @@ def test_a_run_whose_output_is_taken_over_stops_writing_and_leaves_the_successor
     assert json.loads((output / "_lease.json").read_text())["run_id"] == "next0run"
 
 
+@pytest.mark.own_processes
 def test_sigterm_releases_the_output(tmp_path):
     write_shards(candidate_lists(queries=2, per_query=4, seed=9), tmp_path / "input", shards=1)
     output = tmp_path / "out"
