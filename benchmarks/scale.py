@@ -104,7 +104,7 @@ class StandInEngine:
                                      reasoning_tokens=REASONING_TOKENS)
 
     async def generate(self, prompt_ids):
-        return self.generation
+        return [self.generation]
 
     def shutdown(self) -> None:
         pass
@@ -435,8 +435,8 @@ def commit_shard(job, batch_size: int, shard: Path) -> None:
     encoded = EncodedPrompt([0] * PROMPT_TOKENS, truncated=False)
     for start in range(0, pairs.num_rows, batch_size):
         batch = conform(pairs.slice(start, batch_size), stages.PROMPTS_SCHEMA)
-        scored, errors = stages.score_table(batch, [encoded] * batch.num_rows, [generation] * batch.num_rows,
-                                            job.scoring.threshold)
+        scored, errors = stages.score_table(batch, [encoded] * batch.num_rows, [[generation]] * batch.num_rows,
+                                            job.scoring)
         stages.write_results(scored, errors, content_name(batch["query_id"], batch["doc_id"]), job, output)
 
 

@@ -328,7 +328,7 @@ def raw(context, input_dir: str) -> None:
     engine = engine_config(context.parent.params)
     encoder, prompts = _prompts(input_dir, engine)
     llm = LLM(**engine_arguments(engine))
-    passes = Rank1Passes(encoder)
+    passes = Rank1Passes(encoder, engine)
     meter = EngineMeter().start()
     started = time.monotonic()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts],
@@ -381,7 +381,7 @@ def ray_llm(context, input_dir: str) -> None:
     params = context.parent.params
     engine = engine_config(params)
     encoder, prompts = _prompts(input_dir, engine)
-    passes = Rank1Passes(encoder)
+    passes = Rank1Passes(encoder, engine)
     # The engine's main pass, as the plain values a Ray Data row can carry.
     rows = [{"tokenized_prompt": ids,
              "sampling_params": {name: getattr(passes.main_pass(ids), name)

@@ -130,7 +130,7 @@ def verify(model: Path, table, budget: int, lengths: list[int], targets: list[fl
         raise click.ClickException("a prompt was cut to fit the context, and with it perhaps its count")
     scorer = Rank1Engine(engine, encoder)
     started = time.perf_counter()
-    generations = scorer.generate([p.token_ids for p in prompts])
+    generations = [samples[0] for samples in scorer.generate([p.token_ids for p in prompts])]
     seconds = time.perf_counter() - started
     measured = [g.reasoning_tokens for g in generations]
     answered = sum(g.judgement.outcome is Outcome.ANSWERED for g in generations)

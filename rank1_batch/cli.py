@@ -15,6 +15,8 @@ import click
 from .config import JobConfig, JobError, job_logging
 from .model.encoding import ContextTooShort
 from .ir.evaluate import eval_command
+from .ir.export import export_command
+from .ir.labels import agreement_command, calibrate_command
 from .options import engine_options, job_config, run_options
 from .ir.prepare import prepare_command
 from .ir.report import report_command
@@ -170,6 +172,9 @@ def trec_run_command(output, tag, target):
 for command in (
     prepare_command,
     eval_command,
+    agreement_command,
+    calibrate_command,
+    export_command,
     report_command,
     submit_command,
     status_command,

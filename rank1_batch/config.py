@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -63,6 +63,13 @@ class EngineConfig:
     quantization: str | None = None
     trust_remote_code: bool = False
     seed: int = 0
+    # Self-consistency: each pair judged `samples` times, its reasoning sampled at `temperature`
+    # within the `top_p` nucleus (each sample's seed derived from `seed`, the prompt and the
+    # sample's index); the score is the samples' mean, the label their majority. One sample at
+    # temperature 0 is the reference's greedy judgement.
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
     # The scheduler's limits: most sequences in one engine step, and most tokens (None: vLLM's).
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
@@ -71,10 +78,21 @@ class EngineConfig:
     def __post_init__(self):
         positive = {"max_reasoning_tokens": self.max_reasoning_tokens, "tensor_parallel_size": self.tensor_parallel_size,
                     "max_model_len": self.max_model_len, "block_size": self.block_size,
-                    "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens}
+                    "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+                    "samples": self.samples}
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, not {value}")
+        # floats whether given as 1 (YAML) or 1.0 (the command line): they are in the store's key
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        if not 0 <= self.temperature <= 2:  # vLLM's range: it refuses each request beyond it
+            raise ValueError(f"--temperature must be in [0, 2], not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], not {self.top_p}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"--samples {self.samples} at --temperature 0 would judge each pair the same way "
+                             f"{self.samples} times: give a --temperature above 0")
         if self.fit is not None and self.fit not in FIT_POLICIES:
             raise ValueError(f"{_flag('fit')} {self.fit!r}: expected {' or '.join(FIT_POLICIES)}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -94,16 +112,25 @@ class EngineConfig:
         return resolve_model(self.model)
 
 
+# The sampling options at their defaults: one greedy judgement per pair, as outputs and score
+# stores made before these options existed were judged.
+GREEDY = {name: getattr(EngineConfig, name) for name in ("samples", "temperature", "top_p")}
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
     """What turns a pair into a prompt and a score into a label."""
 
     threshold: float = 0.5
+    # Graded labels: three cut points of the score, a pair's grade (0 to 3) being how many it reaches.
+    grades: tuple[float, ...] | None = None
     task_template: str | None = None
 
     def __post_init__(self):
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"--threshold must be in [0, 1], not {self.threshold}")
+        if self.grades is not None:
+            object.__setattr__(self, "grades", grade_cuts(self.grades))
         if self.task_template is not None and QUERY_PLACEHOLDER not in self.task_template:
             raise ValueError(f"--task-template must contain {QUERY_PLACEHOLDER}, where the query goes")
 
@@ -205,16 +232,22 @@ class JobConfig:
             found.append("--answered-only has no effect without --labels")
         if self.run.run_tag != RunConfig.run_tag and not self.run.trec_run:
             found.append("--run-tag has no effect with --no-trec-run")
+        if self.engine.top_p != GREEDY["top_p"] and self.engine.temperature == 0:
+            found.append("--top-p has no effect at --temperature 0 (greedy)")
         in_flight = self.run.batch_size * self.run.max_concurrent_batches
-        if self.engine.max_num_seqs and in_flight < self.engine.max_num_seqs:
+        # each of a pair's samples is a sequence of its own
+        if self.engine.max_num_seqs and in_flight * self.engine.samples < self.engine.max_num_seqs:
+            each = f" of {self.engine.samples} samples each" if self.engine.samples > 1 else ""
             found.append(f"--batch-size {self.run.batch_size} x --max-concurrent-batches {self.run.max_concurrent_batches} "
-                         f"= {in_flight} pairs in flight cannot fill --max-num-seqs {self.engine.max_num_seqs}")
+                         f"= {in_flight} pairs in flight{each} cannot fill --max-num-seqs {self.engine.max_num_seqs}")
         return found
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (the input URLs as a list)."""
         described = dataclasses.asdict(self)
         described["run"]["input"] = list(self.run.input)
+        if self.scoring.grades is not None:  # as _job.json reads back, so that a resume compares alike
+            described["scoring"]["grades"] = list(self.scoring.grades)
         return described
 
 
@@ -228,6 +261,17 @@ ENGINE_ARGS_OWNED = {
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def grade_cuts(given: str | Iterable[float]) -> tuple[float, ...]:
+    """Three cut points from `0.1,0.5,0.9` (the command line) or a list (a job spec)."""
+    try:
+        cuts = tuple(float(cut) for cut in (given.split(",") if isinstance(given, str) else given))
+    except (TypeError, ValueError):
+        cuts = ()
+    if len(cuts) != 3 or not all(0 <= cut <= 1 for cut in cuts) or not cuts[0] < cuts[1] < cuts[2]:
+        raise ValueError(f"--grades must be three cut points in [0, 1], strictly increasing, e.g. 0.1,0.5,0.9; not {given!r}")
+    return cuts
 
 
 def load_options(path: str | Path) -> dict[str, Any]:

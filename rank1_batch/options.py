@@ -46,12 +46,20 @@ def engine_options(command):
         click.option("--enforce-eager/--no-enforce-eager", default=None, help="Skip graph compilation."),
         click.option("--quantization", help="vLLM quantization method, e.g. awq."),
         click.option("--trust-remote-code/--no-trust-remote-code", default=None),
-        click.option("--seed", type=int),
+        click.option("--seed", type=int, help="The engine's seed, from which each sample's seed is derived (default 0)."),
+        click.option("--samples", type=int,
+                     help="Judge each pair this many times, sampling its reasoning: the score is the mean, the label "
+                          "the majority's (default 1; more need --temperature above 0)."),
+        click.option("--temperature", type=float, help="Sampling temperature of the reasoning, 0 to 2 (default 0: greedy, the reference's)."),
+        click.option("--top-p", type=float, help="Sample the reasoning's tokens from this share of the probability (default 1)."),
         click.option("--max-num-seqs", type=int, help="Most sequences in one engine step (default: vLLM's)."),
         click.option("--max-num-batched-tokens", type=int, help="Most tokens in one engine step (default: vLLM's)."),
         click.option("--engine-arg", "engine_args", multiple=True, metavar="KEY=JSON",
                      help="Extra vLLM engine argument; repeatable."),
         click.option("--threshold", type=float, help="Score at or above which the label is true."),
+        click.option("--grades", metavar="A,B,C",
+                     help="Three cut points of the score in [0, 1], increasing: each pair also gets a grade, 0 to 3, "
+                          "the number of cut points at or below its score."),
         click.option("--task-template", help="Template with FILL_QUERY_HERE wrapping each query."),
     ]
     return _with_options(command, options)

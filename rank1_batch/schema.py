@@ -27,6 +27,8 @@ SCORES_SCHEMA = pa.schema(
         ("doc_id", pa.string()),
         ("score", pa.float64()),
         ("label", pa.bool_()),
+        # 0 to 3: how many of --grades' cut points the score reaches; null without --grades
+        ("grade", pa.int8()),
         ("outcome", pa.string()),
         ("logprob_true", pa.float64()),
         ("logprob_false", pa.float64()),
@@ -37,6 +39,13 @@ SCORES_SCHEMA = pa.schema(
         ("first_stage_score", pa.float64()),
         # the judgement came from the score store; null in outputs written before the column: false
         ("reused", pa.bool_()),
+        # Self-consistency (see `judgement.consensus`): how many samples judged the pair, each
+        # one's score, and the share whose label is `label`. With several, `score` is their mean,
+        # `label` their majority's, and outcome, logprobs, reasoning and reasoning_tokens are the
+        # first agreeing sample's. Null in outputs written before the columns: one sample.
+        ("samples", pa.int32()),
+        ("sample_scores", pa.list_(pa.float64())),
+        ("agreement", pa.float64()),
     ]
 )
 UNSCORED_SCHEMA = pa.schema([SCORES_SCHEMA.field(name) for name in ("query_id", "doc_id", "first_stage_rank", "first_stage_score")])
@@ -59,6 +68,7 @@ LABELS_SCHEMA = pa.schema(
         ("query", pa.string()),
         ("text", pa.string()),
         ("label", pa.bool_()),
+        ("grade", pa.int8()),
         ("confidence", pa.float64()),
         ("rationale", pa.string()),
         ("outcome", pa.string()),

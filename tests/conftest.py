@@ -111,6 +111,17 @@ def scorer():
     return Rank1Scorer(TINY_ENGINE)
 
 
+@pytest.fixture(scope="session")
+def cross_encoder():
+    """The bundled cross-encoder on one pooling engine; `with_template` reuses it. float32, so its
+    scores can be held to transformers' within 1e-4."""
+    from rank1_batch.model.cross_encoder import TINY_CROSS_ENCODER_DIR, CrossEncoderScorer
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine = EngineConfig(model=str(TINY_CROSS_ENCODER_DIR), dtype="float32", max_model_len=256, enforce_eager=True)
+    return CrossEncoderScorer(engine)
+
+
 # Credentials of the test S3 server only; s3fs and the Ray workers read them from the environment.
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "rank1-test-key", "AWS_SECRET_ACCESS_KEY": "rank1-test-secret-7f3a",
                "AWS_DEFAULT_REGION": "us-east-1"}

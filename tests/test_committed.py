@@ -12,7 +12,7 @@ from rank1_batch.config import JobConfig, RunConfig
 from rank1_batch.job import outputs
 from rank1_batch.job.outputs import RANKING_COLUMNS, commit_record, read_committed, write_ranked_outputs
 from rank1_batch.job.storage import Output
-from rank1_batch.schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA
+from rank1_batch.schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, conform
 
 
 def scores(query: str, outcomes: list[str], reused: bool = False) -> pa.Table:
@@ -40,7 +40,7 @@ def committed_output(path) -> tuple[Output, pa.Table]:
     output.write_table("rejects", "part-e.parquet", pa.table({"query_id": ["q4", "q4"], "reason": ["empty", "empty"]}))
     output.write_table("errors", "part-f.parquet", pa.Table.from_pylist(
         [{"query_id": "q5", "doc_id": "q5-d1", "error": "ValueError: out of vocabulary"}], ERRORS_SCHEMA))
-    return output, pa.concat_tables([first, resumed, older.append_column("reused", pa.nulls(1, pa.bool_()))])
+    return output, pa.concat_tables([first, resumed, conform(older, SCORES_SCHEMA)])
 
 
 def test_counts_add_up_the_commit_records_of_every_attempt(tmp_path):

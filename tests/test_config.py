@@ -73,3 +73,37 @@ def test_reference_fit_keeps_a_prompt_whole_and_leaves_it_the_room_there_is():
         encoder.encode(query, "The river of Old Vale is the Esk. " * 1000)
     small_budget = PromptEncoder.for_model(EngineConfig(model="tiny", max_reasoning_tokens=128), ScoringConfig())
     assert small_budget.reasoning_budget(100) == 128
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"samples": 0}, "--samples must be at least 1"),
+    ({"samples": 3}, "--samples 3 at --temperature 0 would judge each pair the same way 3 times"),
+    ({"samples": 3, "temperature": -0.5}, r"--temperature must be in \[0, 2\]"),
+    ({"samples": 3, "temperature": 2.5}, r"--temperature must be in \[0, 2\], not 2.5"),
+    ({"temperature": 0.8, "top_p": 0.0}, r"--top-p must be in \(0, 1\]"),
+    ({"temperature": 0.8, "top_p": 1.5}, r"--top-p must be in \(0, 1\]"),
+])
+def test_sampling_options_are_checked_together(options, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(model="tiny", **options)
+
+
+def test_sampling_options_are_floats_however_given():
+    """A job spec's `temperature: 1` and the command line's `--temperature 1` are one job."""
+    engine = JobConfig.from_options({"samples": 3, "temperature": 1, "top_p": 1}).engine
+    assert (engine.samples, engine.temperature, engine.top_p) == (3, 1.0, 1.0)
+    assert isinstance(engine.temperature, float) and isinstance(engine.top_p, float)
+
+
+def test_top_p_without_sampling_is_named_as_ineffective():
+    assert "--top-p has no effect at --temperature 0 (greedy)" in JobConfig.from_options({"top_p": 0.9}).ineffective_options()
+    assert JobConfig.from_options({"temperature": 0.7, "top_p": 0.9}).ineffective_options() == []
+
+
+def test_the_samples_of_the_pairs_in_flight_fill_the_engine():
+    job = {"batch_size": 16, "max_concurrent_batches": 2, "max_num_seqs": 64}
+    assert "= 32 pairs in flight cannot fill --max-num-seqs 64" in " ".join(JobConfig.from_options(job).ineffective_options())
+    assert JobConfig.from_options({**job, "samples": 2, "temperature": 0.7}).ineffective_options() == []
+    short = JobConfig.from_options({**job, "max_num_seqs": 128, "samples": 3, "temperature": 0.7}).ineffective_options()
+    assert short == ["--batch-size 16 x --max-concurrent-batches 2 = 32 pairs in flight of 3 samples each cannot fill "
+                     "--max-num-seqs 128"]

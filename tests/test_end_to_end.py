@@ -1,5 +1,6 @@
 """The users' whole path on a small sample with the tiny model: prepare a RankLLM first-stage
-run, rerank it with relevance labels, evaluate it, and report on it."""
+run, rerank it with graded relevance labels, evaluate it, measure and calibrate its labels against
+qrels, export its traces, and report on it."""
 
 from __future__ import annotations
 
@@ -33,11 +34,32 @@ def test_prepare_run_eval_labels_report(ray_session, tmp_path):
     assert prepared.exit_code == 0, prepared.output
 
     output = tmp_path / "output"
-    manifest = run(tiny_job(input=[str(tmp_path / "pairs")], output=str(output), labels=True), show_progress=False)
+    cuts = (0.25, 0.5, 0.75)
+    manifest = run(tiny_job(input=[str(tmp_path / "pairs")], output=str(output), labels=True, grades=cuts),
+                   show_progress=False)
     assert manifest["counts"]["scored"] == pairs.num_rows
     labels = read_dir(output / "labels")
     assert labels.num_rows == pairs.num_rows and set(labels["model"].to_pylist()) == {"tiny"}
     assert all(text for text in labels["rationale"].to_pylist())
+    scores = read_dir(output / "scores")
+    by_pair = dict(zip(zip(scores["query_id"].to_pylist(), scores["doc_id"].to_pylist()), scores["score"].to_pylist()))
+    for table in (scores, labels):
+        for query_id, doc_id, grade in zip(table["query_id"].to_pylist(), table["doc_id"].to_pylist(),
+                                           table["grade"].to_pylist()):
+            assert grade == sum(by_pair[query_id, doc_id] >= cut for cut in cuts)
+
+    agreement = cli.invoke(main, ["agreement", "--run", str(output), "--qrels", str(tmp_path / "qrels.txt"),
+                                  "--relevance-cut", "1", "--json"])
+    assert agreement.exit_code == 0, agreement.output
+    agreed = json.loads(agreement.output)
+    assert agreed["judged"] == pairs.num_rows and agreed["graded"] is not None
+    calibrated = cli.invoke(main, ["calibrate", "--run", str(output), "--qrels", str(tmp_path / "qrels.txt"),
+                                   "--relevance-cut", "1", "--json"])
+    assert calibrated.exit_code == 0, calibrated.output
+    assert json.loads(calibrated.output)["kappa"] >= agreed["binary"]["kappa"]
+    exported = cli.invoke(main, ["export", str(output), "--to", str(tmp_path / "train.jsonl")])
+    assert exported.exit_code == 0, exported.output
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == pairs.num_rows
 
     evaluated = cli.invoke(main, ["eval", "--run", str(output), "--qrels", str(tmp_path / "qrels.txt"),
                                   "--relevance-level", "1", "--json"])

@@ -87,7 +87,7 @@ def test_label_pass_reads_what_the_main_pass_would_have(scorer, fresh_pairs):
     )
     outputs = engine.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], every_step, use_tqdm=False)
     ours = engine.generate(encoded)
-    answered = [(o.outputs[0].logprobs[-1], g.judgement) for o, g in zip(outputs, ours) if g.judgement.outcome == "answered"]
+    answered = [(o.outputs[0].logprobs[-1], g.judgement) for o, (g,) in zip(outputs, ours) if g.judgement.outcome == "answered"]
     assert len(answered) >= 12
     for last_step, judgement in answered:
         assert judgement.logprob_true == pytest.approx(last_step[labels[0]].logprob, abs=1e-6)

@@ -3,6 +3,7 @@ import struct
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -80,7 +81,8 @@ def test_report_links_real_plots_and_holds_the_runs_figures(finished_run, tmp_pa
     text = report.read_text()
 
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
-    assert links == ["score-histogram.png", "outcomes.png", "reasoning-tokens.png", "rank-movement.png"]
+    assert links == ["score-histogram.png", "outcomes.png", "reasoning-tokens.png", "rank-movement.png",
+                     "confusion-matrix.png"]
     for link in links:
         data = (report.parent / link).read_bytes()
         width, height = png_size(data)
@@ -111,6 +113,13 @@ def test_report_links_real_plots_and_holds_the_runs_figures(finished_run, tmp_pa
     assert f"| MRR@10 | {rr[0]:.4f} | {rr[1]:.4f} | {rr[0] - rr[1]:+.4f} |" in text
     assert f"| MAP | {ap[0]:.4f} | {ap[1]:.4f} | {ap[0] - ap[1]:+.4f} |" in text
     assert "Over 2 queries" in text and "judgment of 1 or more" in text
+
+    # Judged: a 0.7 (relevance 0), b 0.9 (2), c 0.6 (1), x 0.4 (0), y 0.8 (2). From 1: relevant b, c, y, all
+    # labelled true; a true, x false. Observed 4/5; by chance 0.6 * 0.8 + 0.4 * 0.2 = 0.56.
+    assert f"| kappa: label against qrels relevance >= 1 | {(0.8 - 0.56) / (1 - 0.56):.4f} |" in text
+    assert "| precision of the label | 0.7500 |" in text and "| recall of the label | 1.0000 |" in text
+    assert "grade against" not in text and "## Agreement between samples" not in text
+    assert "Over the 5 pairs that both the run and the qrels judge; 3 scored pairs are not judged, and 0 " in text
 
 
 def test_report_without_qrels_or_scored_pairs(tmp_path):
@@ -146,3 +155,33 @@ def test_integer_bins_hold_equally_many_whole_values():
 
 def test_duration():
     assert (duration(9.25), duration(125), duration(3 * 3600 + 61)) == ("9.2 s", "2 min 05 s", "3 h 01 min 01 s")
+
+
+def test_report_with_grades_and_samples(finished_run, tmp_path):
+    """Grades give the graded kappa and a second confusion matrix; several samples a histogram of
+    their agreement."""
+    url, qrels = finished_run
+    path = tmp_path / "out" / "scores" / "part-0.parquet"
+    scores = pq.read_table(path)
+    # Grades at 0.3, 0.6, 0.85 of the scores 0.7 0.9 0.6 0.1 0.4 0.5 0.8 0.95; five samples each.
+    graded = {"grade": pa.array([2, 3, 2, 0, 1, 1, 2, 3], pa.int8()), "samples": pa.array([5] * 8, pa.int32()),
+              "agreement": [1.0, 1.0, 0.6, 0.8, 1.0, 0.6, 1.0, 0.8]}
+    for name, values in graded.items():
+        scores = scores.set_column(scores.column_names.index(name), name, pa.array(values, SCORES_SCHEMA.field(name).type))
+    pq.write_table(scores, path)
+    result = CliRunner().invoke(report_command, [url, "--qrels", qrels])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "sample-agreement.png" in text and "confusion-matrix.png" in text
+    assert all((tmp_path / "out" / "report" / name).read_bytes()[:8] == PNG_SIGNATURE
+               for name in ("sample-agreement.png", "confusion-matrix.png"))
+    assert "Of the 8 pairs judged by several samples, 4 (50.0%) were unanimous; the median share of samples " \
+           "agreeing with the label was 0.90." in text
+    # Judged (relevance, grade): a (0, 2), b (2, 3), c (1, 2), x (0, 1), y (2, 2). Rows of relevance 0, 1, 2 sum
+    # to 2, 1, 2; columns of grade 0..3 to 0, 1, 3, 1. Observed on the diagonal: y, 1 of 5; by chance
+    # (2*0 + 1*1 + 2*3 + 0*1) / 25 = 7/25.
+    assert f"| kappa: grade against qrels relevance | {(1 / 5 - 7 / 25) / (1 - 7 / 25):.4f} |" in text
+    # Quadratic: observed disagreement 4 (a) + 1 (b) + 1 (c) + 1 (x) = 7; by chance, sum over cells of
+    # rows_i * columns_j * (i - j)^2 / 5: row 0: 2 * (1*1 + 3*4 + 1*9) = 44; row 1: 1 * (0 + 3*1 + 1*4) = 7;
+    # row 2: 2 * (1*1 + 0 + 1*1) = 4: 55 / 5 = 11.
+    assert f"| quadratic-weighted kappa: grade against qrels relevance | {1 - 7 / 11:.4f} |" in text

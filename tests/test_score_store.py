@@ -48,10 +48,24 @@ def key_of(prompt=PROMPT, fingerprint=FINGERPRINT, **options) -> bytes:
 @pytest.mark.parametrize("option, value", [
     ("dtype", "bfloat16"), ("quantization", "awq"), ("enforce_eager", True), ("max_model_len", 2048),
     ("max_reasoning_tokens", 512), ("fit", "budget"), ("enable_prefix_caching", False), ("block_size", 16),
-    ("seed", 1), ("engine_args", {"kv_cache_dtype": "fp8"}), ("trust_remote_code", True),
+    ("seed", 1), ("engine_args", {"kv_cache_dtype": "fp8"}), ("trust_remote_code", True), ("temperature", 0.8),
+    ("top_p", 0.9),
 ])
 def test_each_option_that_decides_a_judgement_is_in_the_key(option, value):
     assert key_of(**{option: value}) != key_of()
+
+
+def test_the_samples_are_in_the_key():
+    assert key_of(samples=3, temperature=0.8) != key_of(temperature=0.8)
+    assert key_of(samples=3, temperature=0.8) != key_of(samples=5, temperature=0.8)
+
+
+def test_a_greedy_judgement_keeps_the_key_it_had_before_the_sampling_options():
+    """A store filled before the options existed is hit: at their defaults they are left out of
+    the key (this is the key the release before them made)."""
+    before = "a779fc6bea27c60aa29aef383ab51e0484b7059032430bab5d5b2af2c7632f55"
+    assert key_of().hex() == key_of(samples=1, temperature=0.0, top_p=1.0).hex() == before
+    assert key_of(temperature=1) == key_of(temperature=1.0)  # a job spec's 1, the command line's 1.0
 
 
 def test_the_prompt_and_the_model_fingerprint_are_in_the_key():
@@ -64,7 +78,7 @@ def test_the_prompt_and_the_model_fingerprint_are_in_the_key():
 
 
 @pytest.mark.parametrize("option, value", [
-    ("threshold", 0.9), ("task_template", "Q: FILL_QUERY_HERE"), ("batch_size", 8), ("max_num_seqs", 64),
+    ("threshold", 0.9), ("grades", (0.2, 0.5, 0.8)), ("task_template", "Q: FILL_QUERY_HERE"), ("batch_size", 8), ("max_num_seqs", 64),
     ("max_num_batched_tokens", 4096), ("tensor_parallel_size", 2), ("gpu_memory_utilization", 0.5), ("top_k", 10),
     ("write_traces", False), ("labels", True), ("engines", 3), ("max_concurrent_batches", 1),
     ("model", str(TINY_MODEL_DIR)), ("revision", "main"), ("input", ["elsewhere/"]), ("output", "out/"),
@@ -395,6 +409,20 @@ def test_compact_merges_each_partition_and_drops_repeated_keys(tmp_path):
     assert after.equals(before) and "again" not in after["reasoning"].to_pylist()
     assert store.stats()["duplicate_rows"] == 0
     assert store.compact()["partitions_merged"] == 0  # nothing left to merge
+
+
+def test_files_written_before_the_samples_were_kept_still_read_and_compact(tmp_path):
+    store = ScoreStore.open(str(tmp_path / "store"), create=True, partitions=1)
+    keys, queries = pairs(queries=2, per_query=3)
+    store.add(judgements(keys[:3], queries[:3]), "before")
+    (old,) = part_files(tmp_path / "store")
+    pq.write_table(pq.read_table(old).drop_columns(["sample_scores"]), old)  # as the release before wrote it
+    sampled = pa.array([[0.2, 0.3, 0.4]] * 3, pa.list_(pa.float64()))
+    store.add(judgements(keys[3:], queries[3:], score=[0.3] * 3, sample_scores=sampled), "after")
+    found = store.lookup(queries, keys)
+    assert found["sample_scores"].to_pylist() == [None] * 3 + [[0.2, 0.3, 0.4]] * 3  # null: one sample, the score
+    store.compact()
+    assert len(part_files(tmp_path / "store")) == 1 and store.lookup(queries, keys).equals(found)
 
 
 def test_compact_waits_for_a_live_writer_but_not_for_one_that_has_ended(tmp_path):

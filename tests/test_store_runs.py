@@ -37,7 +37,7 @@ def nights(ray_session, tmp_path_factory):
     store = str(root / "store")
     pairs = candidate_lists(queries=2, per_query=5, seed=5)
     first = night(root, "first", pairs, store)
-    second = night(root, "second", edited(pairs), store, threshold=0.3)
+    second = night(root, "second", edited(pairs), store, threshold=0.3, grades=(0.2, 0.5, 0.8))
     third = night(root, "third", edited(pairs), store)
     return root, pairs, store, first, second, third
 
@@ -67,6 +67,8 @@ def test_the_next_night_judges_only_the_edited_passage(nights):
             for column in ("score", "logprob_true", "logprob_false", "outcome", "reasoning_tokens", "prompt_tokens"):
                 assert row[column] == before[text][column], column
             assert row["label"] == (row["score"] >= 0.3)
+        # the grade is this night's cut points', whether reused or judged
+        assert row["grade"] == sum(row["score"] >= cut for cut in (0.2, 0.5, 0.8))
 
 
 def test_a_night_whose_pairs_are_all_stored_starts_no_engine(nights):

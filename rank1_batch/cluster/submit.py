@@ -64,8 +64,10 @@ def _option_words(option: click.Option, value) -> list[str]:
     if isinstance(value, dict):  # --column C=S, --engine-arg KEY=JSON
         encode = json.dumps if option.name == "engine_args" else str
         return [word for key, item in value.items() for word in (name, f"{key}={encode(item)}")]
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and option.multiple:  # --input, repeated
         return [word for item in value for word in (name, str(item))]
+    if isinstance(value, (list, tuple)):  # --grades A,B,C
+        return [name, ",".join(map(str, value))]
     return [name, str(value)]
 
 

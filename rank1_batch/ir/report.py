@@ -1,6 +1,7 @@
 """A report of a finished run, for people: counts, the score and reasoning-length distributions,
-how far the reranker moved candidates from their first-stage ranks and, given qrels, effectiveness
-against the first stage. Written under report/ in the output: report.md beside the PNGs it links,
+how far the reranker moved candidates from their first-stage ranks, how far a pair's samples agree
+(with several) and, given qrels, effectiveness against the first stage and how far the labels
+agree with the qrels. Written under report/ in the output: report.md beside the PNGs it links,
 so the folder reads the same wherever it is viewed or copied.
 
 The statistics and the markdown are pure; the plots turn arrays into PNG bytes; only the command
@@ -23,7 +24,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
 from ..config import RunConfig
+from .agreement import Agreement, agreement, judged_pairs
 from .evaluate import DEFAULT_METRICS, evaluate, judged_queries, read_qrels, run_from_ranks
+from .labels import value_text
 from ..job.outputs import MANIFEST
 from ..schema import RANKED_SCHEMA, SCORES_SCHEMA
 from ..model.judgement import OUTCOMES
@@ -35,6 +38,9 @@ SCORE_PLOT = "score-histogram.png"
 OUTCOME_PLOT = "outcomes.png"
 REASONING_PLOT = "reasoning-tokens.png"
 MOVEMENT_PLOT = "rank-movement.png"
+CONFUSION_PLOT = "confusion-matrix.png"
+SAMPLES_PLOT = "sample-agreement.png"
+SCORES_COLUMNS = ["query_id", "doc_id", "score", "label", "grade", "outcome", "reasoning_tokens", "samples", "agreement"]
 # One colour per outcome in every plot, so that the plots read together.
 OUTCOME_COLOURS = {"answered": "tab:blue", "forced": "tab:orange", "fallback": "tab:gray"}
 # Lengths whose longest is this many times their median are drawn on a log axis.
@@ -77,6 +83,8 @@ class Summary:
     at_budget: int  # pairs whose reasoning used the whole budget
     movement: Movement | None  # None when no scored candidate has a first-stage rank
     evaluation: Evaluation | None  # None without qrels
+    qrels_agreement: Agreement | None  # None without qrels, or when they judge no scored pair
+    sample_agreement: np.ndarray  # of each pair judged by several samples: the share agreeing with its label
 
 
 def by_outcome(scores: pa.Table, column: str) -> dict[str, np.ndarray]:
@@ -121,6 +129,12 @@ def evaluation(ranked: pa.Table, qrels: dict, relevance_level: int) -> Evaluatio
     )
 
 
+def sample_agreement(scores: pa.Table) -> np.ndarray:
+    """The agreement of the pairs judged by more than one sample (one sample always agrees)."""
+    several = pc.fill_null(pc.greater(scores["samples"], 1), False)
+    return scores.filter(several)["agreement"].to_numpy()
+
+
 def summarise(manifest: dict, scores: pa.Table, ranked: pa.Table, qrels: dict | None, relevance_level: int) -> Summary:
     lengths = by_outcome(scores, "reasoning_tokens")
     reasoning = {"all": spread(scores["reasoning_tokens"].to_numpy())} if scores.num_rows else {}
@@ -133,7 +147,14 @@ def summarise(manifest: dict, scores: pa.Table, ranked: pa.Table, qrels: dict | 
         at_budget=int(pc.sum(pc.greater_equal(scores["reasoning_tokens"], budget)).as_py() or 0),
         movement=movement(first_stage, new) if first_stage.size else None,
         evaluation=evaluation(ranked, qrels, relevance_level) if qrels is not None else None,
+        qrels_agreement=labels_against(scores, qrels, relevance_level) if qrels is not None else None,
+        sample_agreement=sample_agreement(scores),
     )
+
+
+def labels_against(scores: pa.Table, qrels: dict, relevance_level: int) -> Agreement | None:
+    judged = judged_pairs(scores, qrels)
+    return agreement(judged, relevance_level) if judged.pairs else None
 
 
 def share(part: int, whole: int) -> str:
@@ -223,11 +244,49 @@ def render(manifest: dict, summary: Summary, relevance_level: int) -> str:
             f"stayed; the median move was {moved.median_move:g} place{'' if moved.median_move == 1 else 's'}.",
             "",
         ]
+    if summary.sample_agreement.size:
+        lines += sample_agreement_section(summary.sample_agreement)
     if summary.evaluation is not None:
         lines += ["## Evaluation", "", *evaluation_table(summary.evaluation), "",
                   f"Over {summary.evaluation.queries:,} queries (those of the run with judgments); binary measures "
                   f"count a judgment of {relevance_level} or more as relevant.", ""]
+        lines += qrels_agreement_section(summary.qrels_agreement, relevance_level)
     return "\n".join(lines)
+
+
+def qrels_agreement_section(result: Agreement | None, relevance_level: int) -> list[str]:
+    lines = ["## Agreement with the qrels", ""]
+    if result is None:
+        return lines + ["The qrels judge none of the scored pairs.", ""]
+    rows = [(f"kappa: label against qrels relevance >= {relevance_level}", result.binary.kappa),
+            ("precision of the label", result.binary.precision), ("recall of the label", result.binary.recall)]
+    if result.graded is not None:
+        rows += [("kappa: grade against qrels relevance", result.graded.kappa),
+                 ("quadratic-weighted kappa: grade against qrels relevance", result.graded.quadratic_kappa)]
+    return lines + [
+        f"![Confusion matrices of the labels against the qrels]({CONFUSION_PLOT})",
+        "",
+        "| measure | value |",
+        "| --- | ---: |",
+        *(f"| {name} | {value_text(value)} |" for name, value in rows),
+        "",
+        f"Over the {result.judged:,} pairs that both the run and the qrels judge; {result.run_only:,} scored pairs "
+        f"are not judged, and {result.qrels_only:,} judgments of the run's queries are of pairs it did not score.",
+        "",
+    ]
+
+
+def sample_agreement_section(values: np.ndarray) -> list[str]:
+    unanimous = int((values == 1).sum())
+    return [
+        "## Agreement between samples",
+        "",
+        f"![Histogram of the samples' agreement]({SAMPLES_PLOT})",
+        "",
+        f"Of the {values.size:,} pairs judged by several samples, {unanimous:,} ({share(unanimous, values.size)}) were "
+        f"unanimous; the median share of samples agreeing with the label was {np.median(values):.2f}.",
+        "",
+    ]
 
 
 def evaluation_table(result: Evaluation) -> list[str]:
@@ -340,7 +399,40 @@ def plot_movement(first_stage: np.ndarray, new: np.ndarray) -> bytes:
     return png(figure)
 
 
-def plots(manifest: dict, scores: pa.Table, ranked: pa.Table) -> dict[str, bytes]:
+def plot_confusion(result: Agreement) -> bytes:
+    """The binary confusion matrix, and the graded one beside it when the run has grades."""
+    cut = result.binary.relevance_cut
+    panels = [("label", [f"< {cut}", f">= {cut}"], ["false", "true"], result.binary.confusion)]
+    if result.graded is not None:
+        names = [str(value) for value in result.graded.values]
+        panels.append(("grade", names, names, result.graded.confusion))
+    figure = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
+    for axes, (name, rows, columns, counts) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
+        counts = np.array(counts)
+        axes.imshow(counts, cmap="Blues", vmin=0)
+        # each cell's count, dark on light cells and light on dark ones
+        for (row, column), count in np.ndenumerate(counts):
+            axes.text(column, row, f"{count:,}", ha="center", va="center",
+                      color="white" if count > counts.max() / 2 else "black")
+        axes.set_xticks(range(len(columns)), columns)
+        axes.set_yticks(range(len(rows)), rows)
+        axes.set(xlabel=f"run's {name}", ylabel="qrels relevance", title=f"{name.capitalize()} against the qrels")
+    return png(figure)
+
+
+def plot_sample_agreement(values: np.ndarray) -> bytes:
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.subplots()
+    # a few samples give a few shares (k of n): one bar each
+    shares, counts = np.unique(values, return_counts=True)
+    width = 0.8 * (np.diff(shares).min() if shares.size > 1 else 0.1)
+    axes.bar(shares, counts, width=width, color="tab:blue")
+    axes.set(xlim=(0, 1.05), xlabel="share of samples agreeing with the label", title="Agreement between samples")
+    count_axis(axes.yaxis, "pairs")
+    return png(figure)
+
+
+def plots(manifest: dict, scores: pa.Table, ranked: pa.Table, summary: Summary) -> dict[str, bytes]:
     """The PNGs that report.md links, by file name."""
     files = {}
     if scores.num_rows:
@@ -351,14 +443,19 @@ def plots(manifest: dict, scores: pa.Table, ranked: pa.Table) -> dict[str, bytes
     first_stage, new = reranked_ranks(ranked)
     if first_stage.size:
         files[MOVEMENT_PLOT] = plot_movement(first_stage, new)
+    if summary.sample_agreement.size:
+        files[SAMPLES_PLOT] = plot_sample_agreement(summary.sample_agreement)
+    if summary.qrels_agreement is not None:
+        files[CONFUSION_PLOT] = plot_confusion(summary.qrels_agreement)
     return files
 
 
 @click.command("report")
 @click.argument("output_url", metavar="OUTPUT")
-@click.option("--qrels", "qrels_url", metavar="FILE", help="TREC qrels: adds reranked against first-stage figures.")
+@click.option("--qrels", "qrels_url", metavar="FILE",
+              help="TREC qrels: adds reranked against first-stage figures, and the labels' agreement with the qrels.")
 @click.option("--relevance-level", type=int, default=2, show_default=True,
-              help="Lowest judgment that binary metrics count as relevant.")
+              help="Lowest judgment that binary metrics, and the labels' agreement, count as relevant.")
 def report_command(output_url, qrels_url, relevance_level):
     """Write report.md and its plots under OUTPUT/report/ for a finished run."""
     output = Output(output_url, RunConfig())
@@ -367,12 +464,12 @@ def report_command(output_url, qrels_url, relevance_level):
     try:
         manifest = json.loads(output.fs.cat_file(output.path(MANIFEST)))
         qrels = read_qrels(qrels_url) if qrels_url else None
-        scores = output.read("scores", ["score", "label", "outcome", "reasoning_tokens"], SCORES_SCHEMA)
+        scores = output.read("scores", SCORES_COLUMNS, SCORES_SCHEMA)
         ranked = output.read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA)
         summary = summarise(manifest, scores, ranked, qrels, relevance_level)
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error)) from None
-    for name, data in plots(manifest, scores, ranked).items():
+    for name, data in plots(manifest, scores, ranked, summary).items():
         output.write_bytes(f"{REPORT_DIR}/{name}", data)
     output.write_bytes(f"{REPORT_DIR}/{REPORT}", render(manifest, summary, relevance_level).encode())
     click.echo(f"Report: {output.url}/{REPORT_DIR}/{REPORT}")

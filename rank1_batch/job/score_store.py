@@ -9,18 +9,21 @@ what the engine makes of a prompt, and nothing else:
 
 - the engine part of `checkpoint.identity(job)`: dtype, quantization, enforce_eager,
   max_model_len, max_reasoning_tokens, fit, enable_prefix_caching, block_size, seed,
-  trust_remote_code, engine_args, and any option added later that `checkpoint` does not declare
-  free (the pool, the batch sizes and the scheduler's limits are free there: they change no
-  result, so they are not in the key either);
+  trust_remote_code, samples, temperature, top_p (each left out at its greedy default, so that
+  a greedy judgement keeps the key it had before these options existed), engine_args, and any
+  option added later that `checkpoint` does not declare free (the pool, the batch sizes and the
+  scheduler's limits are free there: they change no result, so they are not in the key either);
 - the model's fingerprint (`model_fingerprint`) in place of `model` and `revision`: the same
   weights staged under another path are a hit, other weights under the same name are not.
 
 Left out, because the prompt already carries them or they do not decide a judgement: the task
 template and the instruction (they are in the prompt's token ids), the threshold (it decides only
-`label`, which a reader recomputes from `score`), the ids (the same texts under a new `doc_id` are
-the same judgement), and the run's options that choose which pairs are scored and what is written
-(input, columns, top_k, traces, labels). Any other non-free option of the scoring or run part is
-kept, so a new option is in the key until it is declared free in `checkpoint` or here.
+`label` and `agreement`, which a reader recomputes from the samples' scores), the grades' cut
+points (they decide only `grade`, recomputed from `score` likewise), the ids (the same
+texts under a new `doc_id` are the same judgement), and the run's options that choose which pairs
+are scored and what is written (input, columns, top_k, traces, labels). Any other non-free option
+of the scoring or run part is kept, so a new option is in the key until it is declared free in
+`checkpoint` or here.
 
 **Layout** under the store's URL:
 
@@ -64,7 +67,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import EngineConfig, JobConfig, JobError, RunConfig
+from ..config import GREEDY, EngineConfig, JobConfig, JobError, RunConfig
 from ..model.prompt import query_text
 from ..schema import LABELS_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA, conform, count_values
 from .checkpoint import identity
@@ -81,9 +84,10 @@ DEFAULT_PARTITIONS = 256
 ROW_GROUP_ROWS = 1024
 KEY_TYPE = pa.binary(32)
 JUDGED_AT_TYPE = pa.timestamp("us", tz="UTC")
-# What the store keeps of a judgement, and a reused pair takes back from it.
+# What the store keeps of a judgement, and a reused pair takes back from it; each sample's score
+# too, so that a reused pair's label and agreement follow the run's threshold.
 JUDGEMENT = ("score", "logprob_true", "logprob_false", "outcome", "reasoning_tokens", "prompt_tokens", "truncated",
-             "reasoning")
+             "sample_scores", "reasoning")
 STORE_SCHEMA = pa.schema(
     [
         ("key", KEY_TYPE),
@@ -96,13 +100,14 @@ STORE_SCHEMA = pa.schema(
     ]
 )
 # What `add` is given for each row; it derives query_hash from the query (and instruction).
+# Without `sample_scores` (null, as in files written before the column) a row is one sample's.
 ADD_COLUMNS = ("key", "query", *(name for name in STORE_SCHEMA.names if name not in
-                                 ("key", "query_hash", "judged_at", "judged_by")))
+                                 ("key", "query_hash", "judged_at", "judged_by", "sample_scores")))
 _KEY_TAG = b"rank1-batch score key 1\0"
 # Options of `checkpoint.identity` that decide no judgement (see the module's docstring).
 _NOT_JUDGEMENT = {
     "engine": {"model", "revision"},
-    "scoring": {"threshold", "task_template"},
+    "scoring": {"threshold", "grades", "task_template"},
     "run": {"input", "columns", "top_k", "write_traces", "labels", "labels_answered_only"},
 }
 # Of two rows with one key, the first in this order is the one kept.
@@ -136,6 +141,9 @@ def result_identity(job: JobConfig, model_fingerprint: str) -> dict:
         part: {name: value for name, value in options.items() if name not in _NOT_JUDGEMENT.get(part, ())}
         for part, options in identity(job).items()
     }
+    # Greedy judgements keep the keys they had before the sampling options existed.
+    kept["engine"] = {name: value for name, value in kept["engine"].items()
+                      if not (name in GREEDY and value == GREEDY[name])}
     return {**kept, "model": model_fingerprint}
 
 

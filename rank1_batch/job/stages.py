@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import JobConfig, job_logging
+from ..config import JobConfig, ScoringConfig, job_logging
 from .checkpoint import Done
 from .drain import stop_if_lease_lost
 from .engine_deaths import Death, EngineDeaths
@@ -21,8 +21,9 @@ from .outputs import commit_record
 from ..model.encoding import EncodedPrompt, PromptEncoder, PromptTooLong
 from ..model.engine_metrics import EngineTotals, read_totals
 from ..model.scorer import pair_score
+from ..ir.agreement import grades
 from ..ir.ranking import top_k_mask
-from ..model.judgement import OUTCOMES
+from ..model.judgement import OUTCOMES, consensus
 from ..schema import (
     ERRORS_SCHEMA,
     REASON,
@@ -120,7 +121,7 @@ def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, d
 
 
 def reuse_stored(to_score: pa.Table, reuse: Reuse, job: JobConfig, output: Output) -> tuple[pa.Table, pa.Table]:
-    """Commit the pairs the store has judged, with this run's ids and threshold, as a batch of
+    """Commit the pairs the store has judged, with this run's ids, threshold and grades, as a batch of
     their own; return the others with their store keys, and the reused ones."""
     keys = store_keys(reuse.result, to_score["prompt_token_ids"])
     to_score = to_score.append_column("store_key", keys)
@@ -132,12 +133,26 @@ def reuse_stored(to_score: pa.Table, reuse: Reuse, job: JobConfig, output: Outpu
         scored = hits.select(PASSTHROUGH)
         for name in JUDGEMENT:
             scored = scored.append_column(name, judged[name])
-        scored = (scored.append_column("label", pc.greater_equal(scored["score"], job.scoring.threshold))
+        scored = (with_consensus(scored, job.scoring.threshold)
+                  .append_column("grade", grades(scored["score"], job.scoring.grades))
                   .append_column("reused", pa.array([True] * scored.num_rows)))
         name = content_name(hits["query_id"], hits["doc_id"])
         write_results(conform(scored, SCORED_SCHEMA), ERRORS_SCHEMA.empty_table(), name, job, output)
     log.info("score store: %d of %d pairs reused", hits.num_rows, to_score.num_rows)
     return to_score.filter(pc.invert(found)), hits.drop_columns(["prompt_token_ids"])
+
+
+def with_consensus(judged: pa.Table, threshold: float) -> pa.Table:
+    """Stored judgements with their label, samples and agreement at this run's threshold, from
+    their samples' scores (a judgement stored before those were kept is one sample, its score)."""
+    scores = [each if each is not None else [score]
+              for each, score in zip(judged["sample_scores"].to_pylist(), judged["score"].to_pylist())]
+    together = [consensus(each, threshold) for each in scores]
+    return (judged.set_column(judged.column_names.index("sample_scores"), SCORES_SCHEMA.field("sample_scores"),
+                              pa.array(scores, SCORES_SCHEMA.field("sample_scores").type))
+            .append_column("label", pa.array([each.label for each in together], pa.bool_()))
+            .append_column("samples", pa.array([len(each) for each in scores], pa.int32()))
+            .append_column("agreement", pa.array([each.agreement for each in together], pa.float64())))
 
 
 def _encode(encoder: PromptEncoder, pairs: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:
@@ -229,7 +244,7 @@ class ScorePairs:
         else:
             generations = await self.generate_one_at_a_time(name, prompts, encoded, death)
         del self.in_flight[name]
-        scored, errors = score_table(prompts, encoded, generations, self.job.scoring.threshold)
+        scored, errors = score_table(prompts, encoded, generations, self.job.scoring)
         if self.gate is not None:
             stop_if_lease_lost(await self.gate.lease_lost.remote())
         if self.reuse is not None and scored.num_rows:
@@ -293,19 +308,21 @@ def was_restarted() -> bool:
     return bool(context and context.get_actor_id() and context.was_current_actor_reconstructed)
 
 
-def score_table(prompts: pa.Table, encoded: list[EncodedPrompt], generations: list, threshold: float) -> tuple[pa.Table, pa.Table]:
-    """Scored pairs with their reasoning and texts, and the pairs whose request failed, with the
-    engine's message."""
+def score_table(prompts: pa.Table, encoded: list[EncodedPrompt], generations: list,
+                scoring: ScoringConfig) -> tuple[pa.Table, pa.Table]:
+    """Scored pairs with their reasoning, texts and grades, and the pairs whose request failed,
+    with the engine's message."""
     failed = pa.array([isinstance(generation, BaseException) for generation in generations], pa.bool_())
     results = [
-        {**pair_score(generation, item, threshold).to_dict(), "reused": False}
+        {**pair_score(generation, item, scoring.threshold).to_dict(), "reused": False}
         for generation, item in zip(generations, encoded)
         if not isinstance(generation, BaseException)
     ]
     scored = prompts.filter(pc.invert(failed)).select(PASSTHROUGH)
     for field in SCORED_SCHEMA:
-        if field.name not in PASSTHROUGH:
+        if field.name not in (*PASSTHROUGH, "grade"):
             scored = scored.append_column(field, pa.array([row[field.name] for row in results], field.type))
+    scored = scored.append_column("grade", grades(scored["score"], scoring.grades))
     messages = [f"{type(error).__name__}: {error}" for error in generations if isinstance(error, BaseException)]
     errors = prompts.filter(failed).select(["query_id", "doc_id"]).append_column("error", pa.array(messages, pa.string()))
     return conform(scored, SCORED_SCHEMA), errors

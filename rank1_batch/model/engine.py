@@ -3,7 +3,10 @@ calls) or on vLLM's async engine (one request at a time, many in flight). Knows 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
+import struct
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -17,7 +20,7 @@ from .judgement import Judgement, Outcome, answered_label, judge
 
 @dataclass(frozen=True)
 class Generation:
-    """What the engine made of one prompt."""
+    """What the engine made of one prompt in one sample."""
 
     judgement: Judgement
     reasoning: str
@@ -60,21 +63,32 @@ def engine_arguments(engine: EngineConfig) -> dict:
     return arguments
 
 
-class Rank1Passes:
-    """A pair's two requests and what their outputs mean, shared by the batch and async engines.
+def sample_seeds(seed: int, prompt_ids: Sequence[int], samples: int) -> list[int]:
+    """Each sample's seed, from the job's seed, the prompt and the sample's index: a pair's samples
+    are the same whichever batch, engine or run draws them, and the same texts under other ids
+    are the same samples, as the score store has them."""
+    prompt_bytes = struct.pack(f"<q{len(prompt_ids)}i", seed, *prompt_ids)
+    return [int.from_bytes(hashlib.sha256(struct.pack("<I", index) + prompt_bytes).digest()[:8], "little") >> 1
+            for index in range(samples)]
 
-    The main pass reasons greedily up to a label stop string, within the pair's own budget (a long
-    prompt kept whole leaves less room in the context). The label pass reads one token,
-    restricted to the labels: for a pair that answered, after its prompt and reasoning up to the
-    label token, as the main pass saw them; for one that did not, after the forced text, as the
-    reference does, from all it generated.
+
+class Rank1Passes:
+    """A pair's requests and what their outputs mean, shared by the batch and async engines.
+
+    The main pass reasons up to a label stop string, within the pair's own budget (a long prompt
+    kept whole leaves less room in the context): greedily, or, with self-consistency, once per
+    sample, each sampled with its own seed. The label pass, greedy, reads one token restricted to
+    the labels: for a sample that answered, after its prompt and reasoning up to the label token,
+    as the main pass saw them; for one that did not, after the forced text, as the reference
+    does, from all it generated.
     """
 
-    def __init__(self, encoder: PromptEncoder):
+    def __init__(self, encoder: PromptEncoder, engine: EngineConfig):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         self.encoder = encoder
+        self.engine = engine
         labels = [encoder.true_id, encoder.false_id]
         # Only each request's final output is wanted: no per-token stream to the caller.
         self.label_pass = SamplingParams(
@@ -95,6 +109,14 @@ class Rank1Passes:
         if budget not in self._main_passes:
             self._main_passes[budget] = self._main_pass(max_tokens=budget)
         return self._main_passes[budget]
+
+    def main_passes(self, prompt_ids: Sequence[int]) -> list:
+        """One main pass per sample: the greedy one alone, or each sample's, seeded."""
+        if self.engine.temperature == 0:
+            return [self.main_pass(prompt_ids)]
+        budget = self.encoder.reasoning_budget(len(prompt_ids))
+        return [self._main_pass(max_tokens=budget, temperature=self.engine.temperature, top_p=self.engine.top_p, seed=seed)
+                for seed in sample_seeds(self.engine.seed, prompt_ids, self.engine.samples)]
 
     def label_read(self, prompt_ids: list[int], completion) -> tuple[Outcome, list[int] | None]:
         """How the pair's label is read, and after which prefix; None when the forced prefix does
@@ -136,7 +158,7 @@ class Rank1Engine:
 
         set_cpu_cache_space()
         self.llm = llm or LLM(**engine_arguments(engine))
-        self.passes = Rank1Passes(encoder)
+        self.passes = Rank1Passes(encoder, engine)
 
     def _generate(self, prompts: Sequence[list[int]], params) -> list:
         from vllm import TokensPrompt
@@ -146,21 +168,26 @@ class Rank1Engine:
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
         return self.llm.generate(requests, params, use_tqdm=False)
 
-    def generate(self, prompts: Sequence[list[int]]) -> list[Generation]:
-        """The main pass for all prompts, then one label pass for all of them."""
-        completions = [output.outputs[0] for output in self._generate(prompts, [self.passes.main_pass(ids) for ids in prompts])]
-        reads = [self.passes.label_read(ids, completion) for ids, completion in zip(prompts, completions)]
+    def generate(self, prompts: Sequence[list[int]]) -> list[list[Generation]]:
+        """Each prompt's samples: the main passes of all samples of all prompts, then one label
+        pass for each of them."""
+        passes = [self.passes.main_passes(ids) for ids in prompts]
+        samples = [ids for ids, each in zip(prompts, passes) for _ in each]
+        outputs = self._generate(samples, [params for each in passes for params in each])
+        completions = [output.outputs[0] for output in outputs]
+        reads = [self.passes.label_read(ids, completion) for ids, completion in zip(samples, completions)]
         labels = iter(self._generate([prefix for _, prefix in reads if prefix is not None], self.passes.label_pass))
-        return [
+        generations = iter([
             self.passes.generation(self.passes.judge_label(outcome, None if prefix is None else next(labels).outputs[0]), completion)
             for (outcome, prefix), completion in zip(reads, completions)
-        ]
+        ])
+        return [[next(generations) for _ in each] for each in passes]
 
 
 class AsyncRank1Engine:
-    """vLLM's async engine, one request per pass: each pair's label pass is issued as soon as its
-    own main pass ends, while the main passes of other pairs, and of other batches, keep the
-    engine full. The engine's statistics are on, so vLLM logs them at intervals."""
+    """vLLM's async engine, one request per pass: each sample's label pass is issued as soon as its
+    own main pass ends, while the main passes of other samples, pairs and batches keep the engine
+    full. The engine's statistics are on, so vLLM logs them at intervals."""
 
     def __init__(self, engine: EngineConfig, encoder: PromptEncoder):
         from vllm import AsyncEngineArgs
@@ -174,7 +201,7 @@ class AsyncRank1Engine:
         self.llm = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**engine_arguments(engine), disable_log_stats=False), usage_context=UsageContext.LLM_CLASS,
         )
-        self.passes = Rank1Passes(encoder)
+        self.passes = Rank1Passes(encoder, engine)
 
     async def _final(self, prompt_ids: list[int], params):
         from vllm import TokensPrompt
@@ -184,8 +211,12 @@ class AsyncRank1Engine:
             final = output
         return final.outputs[0]
 
-    async def generate(self, prompt_ids: list[int]) -> Generation:
-        completion = await self._final(prompt_ids, self.passes.main_pass(prompt_ids))
+    async def generate(self, prompt_ids: list[int]) -> list[Generation]:
+        """The pair's samples, all in flight at once: they share the prompt's cached prefix."""
+        return list(await asyncio.gather(*(self._sample(prompt_ids, params) for params in self.passes.main_passes(prompt_ids))))
+
+    async def _sample(self, prompt_ids: list[int], main_pass) -> Generation:
+        completion = await self._final(prompt_ids, main_pass)
         outcome, prefix = self.passes.label_read(prompt_ids, completion)
         label = None if prefix is None else await self._final(prefix, self.passes.label_pass)
         return self.passes.generation(self.passes.judge_label(outcome, label), completion)

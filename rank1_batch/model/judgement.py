@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Sequence
 
 FALLBACK_SCORE = 0.5
 
@@ -58,3 +59,24 @@ def judge(outcome: Outcome, logprob_true: float | None, logprob_false: float | N
     if outcome is Outcome.FALLBACK or not usable(logprob_true, logprob_false):
         return Judgement(FALLBACK_SCORE, Outcome.FALLBACK, logprob_true, logprob_false)
     return Judgement(score_from_logprobs(logprob_true, logprob_false), outcome, logprob_true, logprob_false)
+
+
+@dataclass(frozen=True)
+class Consensus:
+    """What a pair's samples say together (one sample: its own judgement)."""
+
+    score: float  # the mean P(true) over the samples
+    label: bool  # the label most samples give (score >= threshold); a tie goes to the mean score's
+    agreement: float  # the share of samples whose label is `label`
+    chosen: int  # the first sample whose label is `label`: its outcome, logprobs and trace stand for the pair
+
+
+def consensus(scores: Sequence[float], threshold: float) -> Consensus:
+    """The consensus of the samples' scores, each sample's label being its score >= threshold.
+    `fsum` keeps the mean independent of the samples' order, and one sample's score exact."""
+    votes = [score >= threshold for score in scores]
+    score = math.fsum(scores) / len(scores)
+    true = sum(votes)
+    label = 2 * true > len(votes) or (2 * true == len(votes) and score >= threshold)
+    agreeing = true if label else len(votes) - true
+    return Consensus(score, label, agreeing / len(votes), votes.index(label))

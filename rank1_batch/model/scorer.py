@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from ..config import EngineConfig, ScoringConfig
 from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong, load_tokenizer
 from .engine import Generation, Rank1Engine
+from .judgement import consensus
 
 
-# Engine options that shape each request rather than the running engine.
-REQUEST_OPTIONS = ("max_reasoning_tokens", "fit")
+# Engine options that shape each request rather than the running engine (the seed: each sample's
+# request carries a seed of its own, derived from it).
+REQUEST_OPTIONS = ("max_reasoning_tokens", "fit", "samples", "temperature", "top_p", "seed")
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,9 @@ class Pair:
 
 @dataclass(frozen=True)
 class PairScore:
-    """One pair's result. A rejected pair has a `reject_reason` and no score."""
+    """One pair's result. A rejected pair has a `reject_reason` and no score. With several samples,
+    `score` is their mean, `label` their majority's, and outcome, logprobs and reasoning are the
+    first agreeing sample's (see `judgement.consensus`)."""
 
     score: float | None
     label: bool | None
@@ -36,6 +40,9 @@ class PairScore:
     reasoning_tokens: int | None
     prompt_tokens: int | None
     truncated: bool | None
+    samples: int | None = None
+    sample_scores: list[float] | None = None
+    agreement: float | None = None
     reject_reason: str | None = None
 
     def to_dict(self) -> dict:
@@ -67,7 +74,7 @@ class Rank1Scorer:
 
     def with_options(self, **options) -> "Rank1Scorer":
         """Another scorer on the same running engine, with other request options (reasoning budget,
-        fit policy) or scoring options (threshold, task_template): no second engine start."""
+        fit policy, sampling) or scoring options (threshold, task_template): no second engine start."""
         engine = {name: options.pop(name) for name in REQUEST_OPTIONS if name in options}
         return Rank1Scorer(
             dataclasses.replace(self.engine_config, **engine), dataclasses.replace(self.scoring, **options), self.engine.llm
@@ -87,18 +94,25 @@ class Rank1Scorer:
         ]
 
 
-def pair_score(generation: Generation, encoded: EncodedPrompt, threshold: float) -> PairScore:
-    judgement = generation.judgement
+def pair_score(samples: Sequence[Generation], encoded: EncodedPrompt, threshold: float) -> PairScore:
+    """A pair's result from its samples (one, for a greedy judgement)."""
+    scores = [sample.judgement.score for sample in samples]
+    together = consensus(scores, threshold)
+    chosen = samples[together.chosen]
+    judgement = chosen.judgement
     return PairScore(
-        score=judgement.score,
-        label=judgement.score >= threshold,
+        score=together.score,
+        label=together.label,
         outcome=judgement.outcome.value,
         logprob_true=judgement.logprob_true,
         logprob_false=judgement.logprob_false,
-        reasoning=generation.reasoning,
-        reasoning_tokens=generation.reasoning_tokens,
+        reasoning=chosen.reasoning,
+        reasoning_tokens=chosen.reasoning_tokens,
         prompt_tokens=len(encoded.token_ids),
         truncated=encoded.truncated,
+        samples=len(samples),
+        sample_scores=scores,
+        agreement=together.agreement,
     )
 
 
