@@ -24,21 +24,22 @@ from rank1_batch.config import EngineConfig, job_logging
 from rank1_batch.ir.prepare import from_rankllm
 from rank1_batch.ir.ranking import rank
 from rank1_batch.model.cross_encoder import TINY_CROSS_ENCODER_DIR, CrossEncoderScorer
-from rank1_batch.model.scorer import Pair, Rank1Scorer
+from rank1_batch.model.scorer import Rank1Scorer
 
 log = logging.getLogger("rank1_batch.benchmarks.cascade")
 
 
-def pairs_of(table: pa.Table) -> list[Pair]:
-    return [Pair(row["query"], row["text"], row["title"]) for row in table.select(["query", "text", "title"]).to_pylist()]
+def pairs_of(table: pa.Table) -> list[dict]:
+    """The candidates as the scorers take them: mappings of query, text and title."""
+    return table.select(["query", "text", "title"]).to_pylist()
 
 
-def timed(score, pairs: list[Pair], llm) -> tuple[list, float]:
-    """The scores and the engine seconds, from an empty prefix cache: a pass must not reuse the
-    prefill of the same prompts in an earlier pass."""
-    llm.reset_prefix_cache()
+def timed(scorer, pairs: list[dict]) -> tuple[list, float]:
+    """The scorer's results and its engine's seconds, from an empty prefix cache: a pass must not
+    reuse the prefill of the same prompts in an earlier pass."""
+    scorer.engine.llm.reset_prefix_cache()
     started = time.monotonic()
-    results = score(pairs)
+    results = scorer.score(pairs)
     return results, time.monotonic() - started
 
 
@@ -68,14 +69,14 @@ def main(rankllm, queries, depth, top_k, max_reasoning_tokens):
     cross_encoder = CrossEncoderScorer(EngineConfig(model=str(TINY_CROSS_ENCODER_DIR), dtype="bfloat16",
                                                     max_model_len=256, enforce_eager=True))
     cross_encoder.score(pairs[:8])  # warm-up: the first call pays one-off costs
-    ce_scores, ce_seconds = timed(cross_encoder.score, pairs, cross_encoder.engine.llm)
+    ce_scores, ce_seconds = timed(cross_encoder, pairs)
 
     rank1 = Rank1Scorer(EngineConfig(model="tiny", dtype="bfloat16", max_model_len=1024, enforce_eager=True,
                                      max_reasoning_tokens=max_reasoning_tokens, fit="budget"))
     rank1.score(pairs[:8])
-    _, rank1_seconds = timed(rank1.score, pairs, rank1.engine.llm)
+    _, rank1_seconds = timed(rank1, pairs)
     cascade_pairs = pairs_of(cross_encoder_top(candidates, ce_scores, top_k))
-    _, rank1_top_seconds = timed(rank1.score, cascade_pairs, rank1.engine.llm)
+    _, rank1_top_seconds = timed(rank1, cascade_pairs)
 
     cascade_seconds = ce_seconds + rank1_top_seconds
     rows = [
