@@ -10,10 +10,18 @@ from typing import Any, Iterable
 
 import yaml
 
+from .model.cross_encoder_templates import cross_encoder_template
 from .model.prompt import QUERY_PLACEHOLDER
 
 TINY_MODEL = "tiny"
 TINY_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-rank1"
+TINY_CROSS_ENCODER = "tiny-cross-encoder"
+TINY_CROSS_ENCODER_DIR = Path(__file__).parent / "assets" / "tiny-cross-encoder"
+BUNDLED_MODELS = {TINY_MODEL: TINY_MODEL_DIR, TINY_CROSS_ENCODER: TINY_CROSS_ENCODER_DIR}
+# The kinds of model that score a pair (see model/scorer_kinds.py): Rank1 reasons, then answers;
+# a cross-encoder reads the pair once through a sequence-classification head.
+SCORERS = ("rank1", "cross-encoder")
+DEFAULT_CROSS_ENCODER_TEMPLATE = "pair"
 # How a prompt meets the context: `reference` keeps the prompt whole and shrinks the reasoning
 # budget to what is left, as the public reference does; `budget` cuts the passage so that the
 # whole budget fits.
@@ -37,8 +45,9 @@ def job_logging() -> None:
 
 
 def resolve_model(model: str) -> str:
-    """`tiny` names the model bundled with the package; anything else goes to vLLM as given."""
-    return str(TINY_MODEL_DIR) if model == TINY_MODEL else model
+    """`tiny` and `tiny-cross-encoder` name the models bundled with the package; anything else
+    goes to vLLM as given."""
+    return str(BUNDLED_MODELS[model]) if model in BUNDLED_MODELS else model
 
 
 @dataclass(frozen=True)
@@ -125,14 +134,32 @@ class ScoringConfig:
     # Graded labels: three cut points of the score, a pair's grade (0 to 3) being how many it reaches.
     grades: tuple[float, ...] | None = None
     task_template: str | None = None
+    # One of SCORERS.
+    scorer: str = "rank1"
+    # How a pair becomes the cross-encoder's input, and what of its logit is the score (one of
+    # cross_encoder_templates.TEMPLATES); None with Rank1, DEFAULT_CROSS_ENCODER_TEMPLATE if not given.
+    cross_encoder_template: str | None = None
 
     def __post_init__(self):
+        if self.scorer not in SCORERS:
+            raise ValueError(f"--scorer {self.scorer!r}: expected {' or '.join(SCORERS)}")
+        if self.scorer == "rank1" and self.cross_encoder_template is not None:
+            raise ValueError("--cross-encoder-template applies to --scorer cross-encoder only")
+        if self.scorer == "cross-encoder":
+            template = self.cross_encoder_template or DEFAULT_CROSS_ENCODER_TEMPLATE
+            cross_encoder_template(template)  # an unknown name is refused here
+            object.__setattr__(self, "cross_encoder_template", template)
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"--threshold must be in [0, 1], not {self.threshold}")
         if self.grades is not None:
             object.__setattr__(self, "grades", grade_cuts(self.grades))
         if self.task_template is not None and QUERY_PLACEHOLDER not in self.task_template:
             raise ValueError(f"--task-template must contain {QUERY_PLACEHOLDER}, where the query goes")
+
+
+# The scorer options at their defaults: Rank1, as outputs and score stores made before there were
+# other kinds were scored.
+RANK1_SCORER = {"scorer": "rank1", "cross_encoder_template": None}
 
 
 @dataclass(frozen=True)
@@ -189,7 +216,7 @@ class RunConfig:
             raise ValueError(f"--device {self.device!r}: expected {', '.join(DEVICES)}")
         if self.engines is not None and (self.min_engines is not None or self.max_engines is not None):
             raise ValueError("give --engines (a fixed pool) or --min-engines/--max-engines (autoscaling), not both")
-        for name in ("engines", "min_engines", "max_engines", "batch_size", "max_concurrent_batches"):
+        for name in ("engines", "min_engines", "max_engines", "top_k", "batch_size", "max_concurrent_batches"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, not {value}")
@@ -205,10 +232,72 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class CascadeConfig:
+    """A cross-encoder in front of Rank1: it scores each query's `top_k` first-stage candidates
+    (all of them when None), and Rank1 judges the query's `--top-k` best of its order. Its engine
+    is the job's, with its own model, template, dtype and context. Options: `--cascade-` and the
+    field's name."""
+
+    model: str | None = None  # None: no cascade
+    template: str = DEFAULT_CROSS_ENCODER_TEMPLATE
+    top_k: int | None = None
+    dtype: str | None = None  # None: the job's --dtype
+    max_model_len: int | None = None  # None: the model's own context, up to the reference's
+
+    def __post_init__(self):
+        cross_encoder_template(self.template)
+        for name in ("top_k", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--cascade-{name.replace('_', '-')} must be at least 1, not {value}")
+        given = [name for name in ("top_k", "dtype", "max_model_len") if getattr(self, name) is not None]
+        if self.model is None and (given or self.template != DEFAULT_CROSS_ENCODER_TEMPLATE):
+            raise ValueError(f"--cascade-{(given or ['template'])[0].replace('_', '-')} needs --cascade-model, "
+                             "the cross-encoder in front of Rank1")
+
+
+# The parts of a job, each with the prefix its options have on the command line and in a job spec.
+PARTS = (("engine", EngineConfig, ""), ("scoring", ScoringConfig, ""), ("run", RunConfig, ""),
+         ("cascade", CascadeConfig, "cascade_"))
+
+
+@dataclass(frozen=True)
 class JobConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+
+    def __post_init__(self):
+        """Settings that depend on each other across the parts."""
+        if self.scoring.scorer == "cross-encoder":
+            if self.engine.samples > 1:
+                raise ValueError(f"--samples {self.engine.samples} samples Rank1's reasoning; a cross-encoder reads "
+                                 "a pair once, the same way each time")
+            if self.scoring.task_template is not None:
+                raise ValueError("--task-template wraps Rank1's query; a cross-encoder's input is its "
+                                 "--cross-encoder-template")
+            if self.run.labels_answered_only:
+                raise ValueError("--answered-only keeps the pairs Rank1 answered; a cross-encoder's have no outcome")
+            self._need_probability(cross_encoder_template(self.scoring.cross_encoder_template).score,
+                                   f"--cross-encoder-template {self.scoring.cross_encoder_template}")
+        if self.cascade.model is not None:
+            if self.scoring.scorer != "rank1":
+                raise ValueError("--cascade-model puts a cross-encoder in front of Rank1: give --scorer rank1")
+            if self.run.top_k is None:
+                raise ValueError("--cascade-model needs --top-k: how many of each query's candidates, in the "
+                                 "cross-encoder's order, Rank1 judges")
+            if self.cascade.top_k is not None and self.run.top_k > self.cascade.top_k:
+                raise ValueError(f"--top-k {self.run.top_k} is more than --cascade-top-k {self.cascade.top_k}: Rank1 "
+                                 "judges candidates the cross-encoder scored, so k may not exceed K")
+
+    def _need_probability(self, score_function: str, source: str) -> None:
+        if score_function == "sigmoid":
+            return
+        for given, option in ((self.run.labels, "--labels"), (self.scoring.grades is not None, "--grades")):
+            if given:
+                raise ValueError(f"{option} needs a score that is a probability; with {source} the score is the "
+                                 "model's raw logit")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "JobConfig":
@@ -218,12 +307,17 @@ class JobConfig:
             inputs = options["input"]
             options["input"] = (inputs,) if isinstance(inputs, str) else tuple(inputs)
         parts = {}
-        for name, part in (("engine", EngineConfig), ("scoring", ScoringConfig), ("run", RunConfig)):
-            names = {f.name for f in fields(part)}
-            parts[name] = part(**{key: options.pop(key) for key in names & options.keys()})
+        for name, part, prefix in PARTS:
+            names = {prefix + f.name for f in fields(part)}
+            parts[name] = part(**{key[len(prefix):]: options.pop(key) for key in names & options.keys()})
         if options:
             raise ValueError(f"unknown job option(s): {', '.join(sorted(options))}")
         return cls(**parts)
+
+    def options(self) -> dict[str, Any]:
+        """The job as flat options, as `from_options` takes them."""
+        return {prefix + name: value for part, _, prefix in PARTS
+                for name, value in dataclasses.asdict(getattr(self, part)).items()}
 
     def ineffective_options(self) -> list[str]:
         """Options set to something that cannot take effect with the others."""

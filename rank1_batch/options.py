@@ -7,7 +7,8 @@ import json
 
 import click
 
-from .config import FIT_POLICIES, JobConfig, load_options
+from .config import FIT_POLICIES, SCORERS, JobConfig, load_options
+from .model.cross_encoder_templates import TEMPLATES
 
 POOL_OPTIONS = ("engines", "min_engines", "max_engines")
 # Where storage URLs lead, for every command that reads or writes them (never credentials).
@@ -61,6 +62,12 @@ def engine_options(command):
                      help="Three cut points of the score in [0, 1], increasing: each pair also gets a grade, 0 to 3, "
                           "the number of cut points at or below its score."),
         click.option("--task-template", help="Template with FILL_QUERY_HERE wrapping each query."),
+        click.option("--scorer", type=click.Choice(SCORERS),
+                     help="`rank1` reasons, then answers (default); `cross-encoder` reads each pair once through a "
+                          "sequence-classification model (`--model tiny-cross-encoder` is the bundled toy)."),
+        click.option("--cross-encoder-template", type=click.Choice(list(TEMPLATES)),
+                     help="The cross-encoder's input and score: `pair` (bge, mxbai, Qwen3 rerankers; sigmoid, the "
+                          "default) or `rankllama` (raw logit)."),
     ]
     return _with_options(command, options)
 
@@ -83,6 +90,13 @@ def run_options(command):
                                      "add this run's; created when missing."),
         click.option("--compact/--no-compact", default=None,
                      help="At the end, merge the run's part files (one per batch) into files of a few hundred MB."),
+        click.option("--cascade-model",
+                     help="A cross-encoder in front of Rank1: it scores each query's candidates first, and Rank1 "
+                          "judges the --top-k best of its order."),
+        click.option("--cascade-template", type=click.Choice(list(TEMPLATES)), help="The cascade's cross-encoder template (default pair)."),
+        click.option("--cascade-top-k", type=int, help="Candidates per query, by first-stage rank, the cascade's cross-encoder scores (default: all)."),
+        click.option("--cascade-dtype", help="The cascade's cross-encoder weights dtype (default: --dtype)."),
+        click.option("--cascade-max-model-len", type=int, help="The cascade's cross-encoder context (default: the model's own)."),
         click.option("--engines", type=int, help="Number of engines (actors)."),
         click.option("--min-engines", type=int, help="Autoscaling: fewest engines."),
         click.option("--max-engines", type=int, help="Autoscaling: most engines."),

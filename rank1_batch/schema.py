@@ -184,8 +184,8 @@ def _later_occurrence(pairs: pa.Table, duplicates: pa.Table) -> pa.Array:
 
 
 def count_values(values: pa.Array | pa.ChunkedArray) -> dict:
-    """How often each value occurs, as a plain dict."""
-    return {entry["values"]: entry["counts"] for entry in pc.value_counts(values).to_pylist()}
+    """How often each value occurs, as a plain dict; nulls are not counted."""
+    return {entry["values"]: entry["counts"] for entry in pc.value_counts(pc.drop_null(values)).to_pylist()}
 
 
 def relevance_labels(scored: pa.Table, model: str, answered_only: bool) -> pa.Table:

@@ -9,15 +9,15 @@ import json
 import pyarrow as pa
 import pytest
 
-from rank1_batch.config import RunConfig
+from rank1_batch.config import EngineConfig, RunConfig, ScoringConfig
 from rank1_batch.job.checkpoint import ConfigurationChanged, check_output, identity
 from rank1_batch.job.outputs import JOB_FILE
 from rank1_batch.job.pipeline import run
-from rank1_batch.job.stages import with_consensus
 from rank1_batch.job.storage import Output
 from rank1_batch.model.engine import sample_seeds
 from rank1_batch.model.judgement import consensus
 from rank1_batch.model.scorer import Pair
+from rank1_batch.model.scorer_kinds import Rank1Kind
 
 from .conftest import candidate_lists, pair_keys, read_dir, tiny_job, write_shards
 
@@ -53,12 +53,12 @@ def test_an_output_made_before_the_sampling_options_resumes_as_greedy(tmp_path):
 
 def test_a_reused_judgement_takes_its_label_and_agreement_from_its_samples_at_the_runs_threshold():
     stored = pa.table({"score": [0.5, 0.6], "sample_scores": pa.array([[0.8, 0.4, 0.3], None], pa.list_(pa.float64()))})
-    reused = with_consensus(stored, 0.35)
+    reused = Rank1Kind(EngineConfig(), ScoringConfig(threshold=0.35)).stored_labels(stored)
     assert reused["label"].to_pylist() == [True, True]
     assert reused["agreement"].to_pylist() == [pytest.approx(2 / 3), 1.0]
     # a judgement stored before the samples were kept is one sample, its score
     assert reused["samples"].to_pylist() == [3, 1] and reused["sample_scores"].to_pylist()[1] == [0.6]
-    assert with_consensus(stored, 0.5)["label"].to_pylist() == [False, True]
+    assert Rank1Kind(EngineConfig(), ScoringConfig(threshold=0.5)).stored_labels(stored)["label"].to_pylist() == [False, True]
 
 
 # --- the scorer, on the session's engine ---

@@ -47,7 +47,7 @@ def is_credential_name(name: str) -> bool:
 
 def entrypoint(job: JobConfig) -> str:
     """The `rank1-batch run` command line that runs `job`: every option, spelled as `run` takes it."""
-    values = {**dataclasses.asdict(job.engine), **dataclasses.asdict(job.scoring), **dataclasses.asdict(job.run)}
+    values = job.options()
     words = ["rank1-batch", "run"]
     for option in RUN_PARAMETERS:
         if option.name in values:  # all but --config, which is resolved already

@@ -76,6 +76,11 @@ class Evaluation:
     first_stage: dict[str, float]  # empty when the input had no first-stage ranks
 
 
+# The scorer of a manifest written before it named one.
+RANK1_SCORER = {"kind": "rank1", "score": "probability"}
+SCORE_MEANINGS = {"probability": "P(true)", "sigmoid": "the sigmoid of the logit", "logit": "the raw logit"}
+
+
 @dataclass(frozen=True)
 class Summary:
     labelled: int  # scored pairs at or above the threshold
@@ -137,7 +142,9 @@ def sample_agreement(scores: pa.Table) -> np.ndarray:
 
 def summarise(manifest: dict, scores: pa.Table, ranked: pa.Table, qrels: dict | None, relevance_level: int) -> Summary:
     lengths = by_outcome(scores, "reasoning_tokens")
-    reasoning = {"all": spread(scores["reasoning_tokens"].to_numpy())} if scores.num_rows else {}
+    # only Rank1's judgements reason; a cross-encoder's have no reasoning tokens
+    reasoned = pc.drop_null(scores["reasoning_tokens"]).to_numpy()
+    reasoning = {"all": spread(reasoned)} if reasoned.size else {}
     reasoning.update({outcome: spread(values) for outcome, values in lengths.items()})
     budget = manifest["job"]["engine"]["max_reasoning_tokens"]
     first_stage, new = reranked_ranks(ranked)
@@ -175,11 +182,14 @@ def render(manifest: dict, summary: Summary, relevance_level: int) -> str:
     scored, total = counts["scored"], counts["input"]
     revision = f" (revision `{manifest['revision']}`)" if manifest.get("revision") else ""
     top_k = job["run"]["top_k"]
+    scorer = manifest.get("scorer", RANK1_SCORER)
+    judged_by = (f"reasoning budget {job['engine']['max_reasoning_tokens']:,} tokens" if scorer["kind"] == "rank1"
+                 else f"a {scorer['kind']} with the `{scorer['template']}` template, scored by its {scorer['score']}")
     lines = [
         "# Run report",
         "",
         f"Model `{manifest['model']}`{revision}; threshold {job['scoring']['threshold']:g}; "
-        f"top-k {top_k if top_k is not None else 'all'}; reasoning budget {job['engine']['max_reasoning_tokens']:,} tokens.",
+        f"top-k {top_k if top_k is not None else 'all'}; {judged_by}.",
         "",
         f"Input {', '.join(f'`{url}`' for url in job['run']['input'])}.",
         "",
@@ -188,7 +198,7 @@ def render(manifest: dict, summary: Summary, relevance_level: int) -> str:
         f"| input | {total:,} | |",
         f"| scored | {scored:,} | {share(scored, total)} of input |",
         *(f"| &nbsp;&nbsp;{outcome} | {count:,} | {share(count, scored)} of scored |"
-          for outcome, count in counts["outcomes"].items()),
+          for outcome, count in counts["outcomes"].items() if summary.reasoning),
         f"| rejected | {counts['rejected']:,} | {share(counts['rejected'], total)} of input |",
         f"| unscored (beyond top-k) | {counts['unscored']:,} | {share(counts['unscored'], total)} of input |",
         f"| truncated (passage cut to fit) | {counts['truncated']:,} | {share(counts['truncated'], scored)} of scored |",
@@ -207,11 +217,17 @@ def render(manifest: dict, summary: Summary, relevance_level: int) -> str:
         lines += [
             "## Scores",
             "",
-            f"![Histogram of scores by outcome]({SCORE_PLOT})",
+            f"![Histogram of scores]({SCORE_PLOT})",
             "",
-            f"{summary.labelled:,} of {scored:,} scored pairs ({share(summary.labelled, scored)}) score at or above "
-            f"the threshold {job['scoring']['threshold']:g} and are labelled relevant.",
-            "",
+        ]
+        if scorer["score"] != "logit":
+            lines += [
+                f"{summary.labelled:,} of {scored:,} scored pairs ({share(summary.labelled, scored)}) score at or above "
+                f"the threshold {job['scoring']['threshold']:g} and are labelled relevant.",
+                "",
+            ]
+    if summary.reasoning:
+        lines += [
             "## Outcomes",
             "",
             f"![Pairs by outcome]({OUTCOME_PLOT})",
@@ -321,13 +337,19 @@ def integer_bins(low: int, high: int, most: int = MAX_BINS) -> np.ndarray:
     return np.arange(low, high + width + 1, width) - 0.5
 
 
-def plot_scores(scores: dict[str, np.ndarray], threshold: float) -> bytes:
+def plot_scores(scores: dict[str, np.ndarray], threshold: float, score: str) -> bytes:
+    """The scores' histogram, stacked by outcome for Rank1's; a logit has neither the range [0, 1]
+    nor a threshold."""
     figure = Figure(figsize=(7, 4), layout="constrained")
     axes = figure.subplots()
-    axes.hist(list(scores.values()), bins=np.linspace(0, 1, MAX_BINS + 1), stacked=True,
-              color=[OUTCOME_COLOURS[outcome] for outcome in scores], label=list(scores))
-    axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
-    axes.set(xlim=(0, 1), xlabel="score, P(true)", title="Scores by outcome")
+    values = np.concatenate(list(scores.values()))
+    low, high = (0.0, 1.0) if score != "logit" else (float(values.min()), float(values.max()) or 1.0)
+    axes.hist(list(scores.values()), bins=np.linspace(low, high, MAX_BINS + 1), stacked=True,
+              color=[OUTCOME_COLOURS.get(outcome, "tab:blue") for outcome in scores], label=list(scores))
+    if score != "logit":
+        axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
+    axes.set(xlim=(low, high), xlabel=f"score, {SCORE_MEANINGS[score]}",
+             title="Scores by outcome" if set(scores) <= set(OUTCOME_COLOURS) else "Scores")
     count_axis(axes.yaxis, "pairs")
     figure.legend(loc="outside right upper")  # beside the axes: the bars can be anywhere
     return png(figure)
@@ -435,8 +457,12 @@ def plot_sample_agreement(values: np.ndarray) -> bytes:
 def plots(manifest: dict, scores: pa.Table, ranked: pa.Table, summary: Summary) -> dict[str, bytes]:
     """The PNGs that report.md links, by file name."""
     files = {}
+    scorer = manifest.get("scorer", RANK1_SCORER)
     if scores.num_rows:
-        files[SCORE_PLOT] = plot_scores(by_outcome(scores, "score"), manifest["job"]["scoring"]["threshold"])
+        # Rank1's scores by outcome; a cross-encoder's, which have none, as one group
+        by_kind = by_outcome(scores, "score") if summary.reasoning else {scorer["kind"]: scores["score"].to_numpy()}
+        files[SCORE_PLOT] = plot_scores(by_kind, manifest["job"]["scoring"]["threshold"], scorer["score"])
+    if summary.reasoning:
         files[OUTCOME_PLOT] = plot_outcomes(manifest["counts"]["outcomes"])
         files[REASONING_PLOT] = plot_reasoning(by_outcome(scores, "reasoning_tokens"),
                                                manifest["job"]["engine"]["max_reasoning_tokens"])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ..config import DEFAULT_FIT, GREEDY, JobConfig, JobError
+from ..config import DEFAULT_FIT, GREEDY, RANK1_SCORER, CascadeConfig, JobConfig, JobError
 from .compaction import DIRECTORIES, TWINS, finish_interrupted
 from .engine_deaths import DEATHS_DIR
 from .key_index import DoneKeys, InputKeys, index_done
@@ -34,7 +34,8 @@ _FREE_RUN = {"output", "engines", "min_engines", "max_engines", "cpus_per_engine
              "placement_timeout", "stall_timeout", "grace_period", "lease_timeout", "max_failed_share", "max_concurrent_batches", "store",
              "compact"}
 # What an output made before an option existed ran with: it resumes as that, not as today's default.
-_BEFORE_OPTION = {"engine": {"fit": "budget", "enable_prefix_caching": True, **GREEDY}}
+_BEFORE_OPTION = {"engine": {"fit": "budget", "enable_prefix_caching": True, **GREEDY}, "scoring": RANK1_SCORER,
+                  "cascade": dataclasses.asdict(CascadeConfig())}
 
 
 class ConfigurationChanged(JobError):

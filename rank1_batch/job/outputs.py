@@ -14,6 +14,7 @@ from ..model.engine_metrics import EngineFigures
 from ..ir.ranking import rank
 from ..schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
 from ..model.judgement import OUTCOMES
+from ..model.scorer_kinds import scorer_kind
 from .engine_deaths import DEATHS_DIR
 from .parallel_reads import FILES_PER_READING_TASK, in_groups, in_parallel
 from .storage import Output, Part, arrow_filesystem
@@ -225,6 +226,8 @@ def write_manifest(output: Output, job: JobConfig, run_counts: dict, this_run: T
         "job": job.to_dict(),
         "model": job.engine.model,
         "revision": job.engine.revision,
+        # what `score` is: Rank1's probability, or a cross-encoder template's logit or sigmoid
+        "scorer": scorer_kind(job.engine, job.scoring).describe(),
         "versions": versions(),
         "counts": run_counts,
         "scored_this_run": this_run.scored,

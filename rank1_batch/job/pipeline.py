@@ -25,7 +25,6 @@ from .compaction import compact
 from ..cluster.connection import connect, is_own_cluster
 from ..config import JobConfig, JobError, RunConfig
 from .drain import Preempted, sigterm_requests_drain, start_gate, stop_if_lease_lost
-from ..model.encoding import PromptEncoder
 from ..model.engine_metrics import EngineFigures
 from .key_index import KEY_SCHEMA, index_inputs, key_columns
 from .lease import Lease, OutputInUse
@@ -80,7 +79,7 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
     output = Output(job.run.output, job.run)
     job = with_fit_settled(output, job)
     check_output(output, job)
-    PromptEncoder.for_model(job.engine, job.scoring)  # the model's tokenizer and the context budget
+    stages.scorer_of(job)  # the model's tokenizer and the context budget; a model the scorer cannot serve is refused
     store = ScoreStore.open(job.run.store, job.run, create=True) if job.run.store else None
     result = result_identity(job, model_fingerprint(job.engine)) if store else None
     connect(job)
@@ -220,7 +219,7 @@ def follow(committed, total: int, show_progress: bool, run: RunConfig, gate, lea
 
     threading.Thread(target=drain, name="commits", daemon=True).start()
     outcomes = dict.fromkeys(OUTCOMES, 0)
-    steps = generated = engine_starts = 0
+    scored = steps = generated = engine_starts = 0
     started = last_commit = time.monotonic()
     stop, drain_ends = threading.Event(), None
     with (sigterm_requests_drain(stop),
@@ -261,10 +260,11 @@ def follow(committed, total: int, show_progress: bool, run: RunConfig, gate, lea
                 bar.update(row["pairs"])
                 for outcome in outcomes:
                     outcomes[outcome] += row[outcome]
+                scored += row["scored"]
                 steps, generated = steps + row["engine_steps"], generated + row["generated_tokens"]
                 engine_starts += row["engine_starts"]
                 bar.set_postfix(outcomes, refresh=False)
-    return ThisRun(sum(outcomes.values()), EngineFigures.from_counts(steps, generated, time.monotonic() - started),
+    return ThisRun(scored, EngineFigures.from_counts(steps, generated, time.monotonic() - started),
                    engine_starts)
 
 

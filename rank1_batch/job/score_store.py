@@ -67,7 +67,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import GREEDY, EngineConfig, JobConfig, JobError, RunConfig
+from ..config import GREEDY, RANK1_SCORER, EngineConfig, JobConfig, JobError, RunConfig
 from ..model.prompt import query_text
 from ..schema import LABELS_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA, conform, count_values
 from .checkpoint import identity
@@ -110,6 +110,9 @@ _NOT_JUDGEMENT = {
     "scoring": {"threshold", "grades", "task_template"},
     "run": {"input", "columns", "top_k", "write_traces", "labels", "labels_answered_only"},
 }
+# The parts of a job's identity that may decide a judgement: not the cascade in front of the scorer.
+_JUDGED_PARTS = ("engine", "scoring", "run")
+_JUDGED_BEFORE_OPTION = {"engine": GREEDY, "scoring": RANK1_SCORER}
 # Of two rows with one key, the first in this order is the one kept.
 _EARLIEST_FIRST = [(name, "ascending") for name in ("key", "judged_at", "judged_by", "score", "reasoning")]
 _FILE_ORDER = [("query_hash", "ascending"), ("key", "ascending")]
@@ -138,13 +141,18 @@ def result_identity(job: JobConfig, model_fingerprint: str) -> dict:
     """What decides a judgement apart from the prompt: the job's identity without the options
     that decide none, and the model's fingerprint in place of its name and revision."""
     kept = {
-        part: {name: value for name, value in options.items() if name not in _NOT_JUDGEMENT.get(part, ())}
-        for part, options in identity(job).items()
+        part: {name: value for name, value in options.items()
+               if name not in _NOT_JUDGEMENT.get(part, ()) and not _as_before(part, name, value)}
+        for part, options in identity(job).items() if part in _JUDGED_PARTS
     }
-    # Greedy judgements keep the keys they had before the sampling options existed.
-    kept["engine"] = {name: value for name, value in kept["engine"].items()
-                      if not (name in GREEDY and value == GREEDY[name])}
     return {**kept, "model": model_fingerprint}
+
+
+def _as_before(part: str, name: str, value) -> bool:
+    """Whether an option has the value judgements had before it existed (greedy, by Rank1): such
+    judgements keep the keys they had then."""
+    before = _JUDGED_BEFORE_OPTION.get(part, {})
+    return name in before and value == before[name]
 
 
 def store_keys(result: dict, prompts: Iterable | pa.Array | pa.ChunkedArray) -> pa.Array:

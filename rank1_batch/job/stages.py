@@ -18,12 +18,12 @@ from .drain import stop_if_lease_lost
 from .engine_deaths import Death, EngineDeaths
 from .engine_monitor import EngineMonitor
 from .outputs import commit_record
-from ..model.encoding import EncodedPrompt, PromptEncoder, PromptTooLong
+from ..model.encoding import EncodedPrompt, PromptTooLong
 from ..model.engine_metrics import EngineTotals, read_totals
-from ..model.scorer import pair_score
+from ..model.scorer_kinds import ScorerKind, scorer_kind
 from ..ir.agreement import grades
 from ..ir.ranking import top_k_mask
-from ..model.judgement import OUTCOMES, consensus
+from ..model.judgement import OUTCOMES
 from ..schema import (
     ERRORS_SCHEMA,
     REASON,
@@ -56,8 +56,11 @@ PROMPTS_SCHEMA = pa.schema(
         # null for a pair set aside here (rejected, beyond the top k, or reused): it is only counted later
         ("prompt_token_ids", pa.list_(pa.int32())),
         ("truncated", pa.bool_()),
+        ("passage_start", pa.int32()),  # see EncodedPrompt: null but for a cross-encoder with token types
     ]
 )
+# The prompts table's columns of an EncodedPrompt, by its fields.
+ENCODED_COLUMNS = {"prompt_token_ids": "token_ids", "truncated": "truncated", "passage_start": "passage_start"}
 # Scores with the reasoning, texts and store key beside them, as the score stage hands them to the writer.
 SCORED_SCHEMA = pa.schema(
     [*SCORES_SCHEMA, TRACES_SCHEMA.field("reasoning"), *(PROMPTS_SCHEMA.field(name) for name in PASSTHROUGH[len(IDS):])]
@@ -74,15 +77,17 @@ class Reuse:
 
 
 log = logging.getLogger(__name__)
-_encoders: dict[str, PromptEncoder] = {}
+_scorers: dict[str, tuple[ScorerKind, object]] = {}
 
 
-def _encoder(job: JobConfig) -> PromptEncoder:
-    """One tokenizer per worker process and configuration: loading it costs more than a batch."""
+def scorer_of(job: JobConfig) -> tuple[ScorerKind, object]:
+    """The job's kind of scorer and its pair encoder, once per worker process and configuration:
+    loading a tokenizer costs more than a batch."""
     key = json.dumps([asdict(job.engine), asdict(job.scoring)], sort_keys=True)
-    if key not in _encoders:
-        _encoders[key] = PromptEncoder.for_model(job.engine, job.scoring)
-    return _encoders[key]
+    if key not in _scorers:
+        kind = scorer_kind(job.engine, job.scoring)
+        _scorers[key] = kind, kind.encoder()
+    return _scorers[key]
 
 
 def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
@@ -99,7 +104,7 @@ def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, d
     reranked = top_k_mask(pairs["first_stage_rank"], job.run.top_k)
     tail, pairs = pairs.filter(pc.invert(reranked)), pairs.filter(reranked)
 
-    prompts, truncated, too_long = _encode(_encoder(job), pairs)
+    encoded, too_long = _encode(scorer_of(job)[1], pairs)
     pairs = pairs.set_column(pairs.column_names.index(REASON), REASON, too_long)
     fits = pc.is_null(too_long)
     rejects = pa.concat_tables([rejects, pairs.filter(pc.invert(fits))])
@@ -113,7 +118,9 @@ def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, d
         tail = tail.select(UNSCORED_SCHEMA.names)
         output.write_table("unscored", content_name(tail["query_id"], tail["doc_id"]), tail)
 
-    to_score = pairs.append_column("prompt_token_ids", prompts).append_column("truncated", truncated).filter(fits)
+    for name, values in encoded.items():
+        pairs = pairs.append_column(name, values)
+    to_score = pairs.filter(fits)
     reused = pa.table({})
     if reuse is not None and to_score.num_rows:
         to_score, reused = reuse_stored(to_score, reuse, job, output)
@@ -133,7 +140,7 @@ def reuse_stored(to_score: pa.Table, reuse: Reuse, job: JobConfig, output: Outpu
         scored = hits.select(PASSTHROUGH)
         for name in JUDGEMENT:
             scored = scored.append_column(name, judged[name])
-        scored = (with_consensus(scored, job.scoring.threshold)
+        scored = (scorer_of(job)[0].stored_labels(scored)
                   .append_column("grade", grades(scored["score"], job.scoring.grades))
                   .append_column("reused", pa.array([True] * scored.num_rows)))
         name = content_name(hits["query_id"], hits["doc_id"])
@@ -142,33 +149,19 @@ def reuse_stored(to_score: pa.Table, reuse: Reuse, job: JobConfig, output: Outpu
     return to_score.filter(pc.invert(found)), hits.drop_columns(["prompt_token_ids"])
 
 
-def with_consensus(judged: pa.Table, threshold: float) -> pa.Table:
-    """Stored judgements with their label, samples and agreement at this run's threshold, from
-    their samples' scores (a judgement stored before those were kept is one sample, its score)."""
-    scores = [each if each is not None else [score]
-              for each, score in zip(judged["sample_scores"].to_pylist(), judged["score"].to_pylist())]
-    together = [consensus(each, threshold) for each in scores]
-    return (judged.set_column(judged.column_names.index("sample_scores"), SCORES_SCHEMA.field("sample_scores"),
-                              pa.array(scores, SCORES_SCHEMA.field("sample_scores").type))
-            .append_column("label", pa.array([each.label for each in together], pa.bool_()))
-            .append_column("samples", pa.array([len(each) for each in scores], pa.int32()))
-            .append_column("agreement", pa.array([each.agreement for each in together], pa.float64())))
-
-
-def _encode(encoder: PromptEncoder, pairs: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:
-    """Prompt token ids, truncation flags, and for prompts that cannot fit, the reason."""
-    prompts, truncated, too_long = [], [], []
+def _encode(encoder, pairs: pa.Table) -> tuple[dict[str, pa.Array], pa.Array]:
+    """The columns of each pair's encoding (null where it cannot fit), and for those, the reason."""
+    encoded, too_long = [], []
     for row in pairs.select(["query", "text", "title", "instruction"]).to_pylist():
         try:
-            encoded = encoder.encode(row["query"], row["text"], row["title"], row["instruction"])
-            prompts.append(encoded.token_ids), truncated.append(encoded.truncated), too_long.append(None)
+            encoded.append(encoder.encode(row["query"], row["text"], row["title"], row["instruction"]))
+            too_long.append(None)
         except PromptTooLong as error:
-            prompts.append(None), truncated.append(None), too_long.append(str(error))
-    return (
-        pa.array(prompts, pa.list_(pa.int32())),
-        pa.array(truncated, pa.bool_()),
-        pa.array(too_long, pa.string()),
-    )
+            encoded.append(None), too_long.append(str(error))
+    columns = {column: pa.array([None if item is None else getattr(item, field) for item in encoded],
+                                PROMPTS_SCHEMA.field(column).type)
+               for column, field in ENCODED_COLUMNS.items()}
+    return columns, pa.array(too_long, pa.string())
 
 
 class EngineStartError(RuntimeError):
@@ -204,10 +197,9 @@ class ScorePairs:
     def start_engine(self) -> None:
         import ray
 
-        from ..model.engine import AsyncRank1Engine
-
+        kind, encoder = scorer_of(self.job)
         try:
-            self.engine = AsyncRank1Engine(self.job.engine, _encoder(self.job))
+            self.engine = kind.start_engine(encoder)
         except Exception as error:
             raise EngineStartError(f"the engine could not start (model {self.job.engine.model}): {error}") from error
         self.engine_totals = read_totals()
@@ -228,10 +220,8 @@ class ScorePairs:
     async def score_and_commit(self, batch: pa.Table) -> pa.Table:
         started = time.monotonic()
         prompts = batch.filter(pc.is_valid(batch["prompt_token_ids"]))
-        encoded = [
-            EncodedPrompt(ids, truncated)
-            for ids, truncated in zip(prompts["prompt_token_ids"].to_pylist(), prompts["truncated"].to_pylist())
-        ]
+        encoded = [EncodedPrompt(**{field: row[column] for column, field in ENCODED_COLUMNS.items()})
+                   for row in prompts.select(list(ENCODED_COLUMNS)).to_pylist()]
         if encoded and self.engine is None:
             self.start_engine()  # on the event loop, so no other batch reaches the engine before it is up
         if self.monitor:
@@ -240,11 +230,11 @@ class ScorePairs:
         death = await asyncio.to_thread(self.deaths.recorded, name) if self.restarted else None
         self.in_flight[name] = None
         if death is None:
-            generations = await asyncio.gather(*(self.generate(item) for item in encoded))
+            judgements = await asyncio.gather(*(self.judge(item) for item in encoded))
         else:
-            generations = await self.generate_one_at_a_time(name, prompts, encoded, death)
+            judgements = await self.judge_one_at_a_time(name, prompts, encoded, death)
         del self.in_flight[name]
-        scored, errors = score_table(prompts, encoded, generations, self.job.scoring)
+        scored, errors = score_table(prompts, judgements, self.job.scoring)
         if self.gate is not None:
             stop_if_lease_lost(await self.gate.lease_lost.remote())
         if self.reuse is not None and scored.num_rows:
@@ -264,29 +254,29 @@ class ScorePairs:
                  time.monotonic() - started, pc.sum(scored["reasoning_tokens"]).as_py() or 0, errors.num_rows)
         return counts
 
-    async def generate(self, item: EncodedPrompt):
-        """A pair's generation, or the error its request failed with. A dead engine ends the actor."""
+    async def judge(self, item: EncodedPrompt):
+        """A pair's judgement, or the error its request failed with. A dead engine ends the actor."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            return await self.engine.generate(item.token_ids)
+            return await scorer_of(self.job)[0].judge(self.engine, item)
         except EngineDeadError:
             self.end_actor()
         except Exception as error:
             return error
 
-    async def generate_one_at_a_time(self, name: str, prompts: pa.Table, encoded: list[EncodedPrompt], death: Death) -> list:
+    async def judge_one_at_a_time(self, name: str, prompts: pa.Table, encoded: list[EncodedPrompt], death: Death) -> list:
         """A batch that was in the engine when it died: its pairs one at a time, so that a second
         death names its pair. A pair named so is not sent again (see `engine_deaths`)."""
         log.warning("batch %s was in flight when an engine died (%d time(s)): scoring its pairs one at a time", name, death.deaths)
-        generations = []
+        judgements = []
         for pair, item in zip(zip(prompts["query_id"].to_pylist(), prompts["doc_id"].to_pylist()), encoded):
             if pair == death.alone:
-                generations.append(EngineKilled("the engine died twice with this pair in flight, the second time alone"))
+                judgements.append(EngineKilled("the engine died twice with this pair in flight, the second time alone"))
                 continue
             self.in_flight[name] = pair
-            generations.append(await self.generate(item))
-        return generations
+            judgements.append(await self.judge(item))
+        return judgements
 
     def end_actor(self) -> None:
         """Ray restarts an actor whose process died and retries its batches on a new engine; the
@@ -308,22 +298,18 @@ def was_restarted() -> bool:
     return bool(context and context.get_actor_id() and context.was_current_actor_reconstructed)
 
 
-def score_table(prompts: pa.Table, encoded: list[EncodedPrompt], generations: list,
-                scoring: ScoringConfig) -> tuple[pa.Table, pa.Table]:
+def score_table(prompts: pa.Table, judgements: list, scoring: ScoringConfig) -> tuple[pa.Table, pa.Table]:
     """Scored pairs with their reasoning, texts and grades, and the pairs whose request failed,
     with the engine's message."""
-    failed = pa.array([isinstance(generation, BaseException) for generation in generations], pa.bool_())
-    results = [
-        {**pair_score(generation, item, scoring.threshold).to_dict(), "reused": False}
-        for generation, item in zip(generations, encoded)
-        if not isinstance(generation, BaseException)
-    ]
+    failed = pa.array([isinstance(judgement, BaseException) for judgement in judgements], pa.bool_())
+    results = [{**judgement.to_dict(), "reused": False}
+               for judgement in judgements if not isinstance(judgement, BaseException)]
     scored = prompts.filter(pc.invert(failed)).select(PASSTHROUGH)
     for field in SCORED_SCHEMA:
         if field.name not in (*PASSTHROUGH, "grade"):
             scored = scored.append_column(field, pa.array([row[field.name] for row in results], field.type))
     scored = scored.append_column("grade", grades(scored["score"], scoring.grades))
-    messages = [f"{type(error).__name__}: {error}" for error in generations if isinstance(error, BaseException)]
+    messages = [f"{type(error).__name__}: {error}" for error in judgements if isinstance(error, BaseException)]
     errors = prompts.filter(failed).select(["query_id", "doc_id"]).append_column("error", pa.array(messages, pa.string()))
     return conform(scored, SCORED_SCHEMA), errors
 
@@ -336,10 +322,11 @@ def store_rows(scored: pa.Table, model: str) -> pa.Table:
 
 
 def batch_counts(batch: pa.Table, scored: pa.Table, errors: pa.Table, engine: EngineTotals, engine_starts: int) -> pa.Table:
-    """What the driver counts of a committed batch: its pairs (set-aside ones included), outcomes
-    and errors, the engine's steps and generated tokens since the actor's previous batch, and
+    """What the driver counts of a committed batch: its pairs (set-aside ones included), the pairs
+    scored and their outcomes (a cross-encoder's have none), errors, the engine's steps and generated tokens since the actor's previous batch, and
     whether the actor started its engine since then."""
-    counts = {"pairs": batch.num_rows, **dict.fromkeys(OUTCOMES, 0), **count_values(scored["outcome"]),
+    counts = {"pairs": batch.num_rows, "scored": scored.num_rows, **dict.fromkeys(OUTCOMES, 0),
+              **count_values(scored["outcome"]),
               "errors": errors.num_rows, "engine_steps": engine.steps, "generated_tokens": engine.generated_tokens,
               "engine_starts": engine_starts}
     return pa.Table.from_pylist([counts])
@@ -353,7 +340,7 @@ def write_results(scored: pa.Table, errors: pa.Table, name: str, job: JobConfig,
         first = [lambda: output.write_table("errors", name, errors.cast(ERRORS_SCHEMA))]
     else:  # an earlier attempt of this batch may have failed where this one did not
         first = [lambda: output.remove_file(f"errors/{name}")]
-    if scored.num_rows and job.run.write_traces:
+    if scored.num_rows and job.run.write_traces and scorer_of(job)[0].reasons:
         first.append(lambda: output.write_table("traces", name, scored.select(TRACES_SCHEMA.names).cast(TRACES_SCHEMA)))
     if scored.num_rows and job.run.labels:
         first.append(lambda: output.write_table(

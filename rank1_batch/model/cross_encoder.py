@@ -9,89 +9,21 @@ does Rank1 prompts.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from . import prompt
-from ..config import EngineConfig, JobError
-from .encoding import PromptTooLong, context_length, load_tokenizer
+from ..config import TINY_CROSS_ENCODER_DIR, EngineConfig, JobError
+from .cross_encoder_templates import CrossEncoderTemplate, cross_encoder_template
+from .encoding import EncodedPrompt, PromptTooLong, context_length, load_tokenizer
 from .engine import engine_arguments, set_cpu_cache_space
 from .scorer import Pair, _as_pair
 
-TINY_CROSS_ENCODER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-cross-encoder"
-# What a template's score is: the model's raw logit, or its sigmoid (a value in (0, 1)).
-SCORE_FUNCTIONS = ("logit", "sigmoid")
 SEQUENCE_CLASSIFIER_SUFFIX = "ForSequenceClassification"
 
 
 class CrossEncoderRefused(JobError):
     """The model cannot be served as a one-label sequence classifier."""
-
-
-@dataclass(frozen=True)
-class CrossEncoderTemplate:
-    """How a pair becomes the model's input, and what of its logit is the score.
-
-    `query` and `passage` format the two texts (`{query}`: the query with its instruction;
-    `{passage}`: title, a space, text), which go to the tokenizer as a text pair, so the tokenizer
-    adds its model family's own markers. `append_eos` ends the input with the tokenizer's
-    end-of-sequence token, where a last-token classifier was trained to read. `score` is one of
-    SCORE_FUNCTIONS; a run records the template's fields with its scores.
-    """
-
-    name: str
-    query: str
-    passage: str
-    append_eos: bool
-    score: str
-
-    def __post_init__(self):
-        if self.score not in SCORE_FUNCTIONS:
-            raise ValueError(f"cross-encoder score {self.score!r}: expected {' or '.join(SCORE_FUNCTIONS)}")
-
-    def texts(self, query: str, text: str, title: str | None = None, instruction: str | None = None) -> tuple[str, str]:
-        return (
-            self.query.format(query=prompt.query_text(query, instruction)),
-            self.passage.format(passage=prompt.passage_text(text, title)),
-        )
-
-    def score_of(self, logit: float) -> float:
-        # tanh form of the sigmoid: no overflow for logits of any size
-        return logit if self.score == "logit" else 0.5 * (1.0 + math.tanh(0.5 * logit))
-
-
-TEMPLATES = {
-    template.name: template
-    for template in (
-        # RankLLaMA (castorini/rankllama-v1-7b-lora-passage): `query: {query}` and
-        # `document: {title} {passage}</s>` as a pair through the Llama tokenizer; score = the logit.
-        CrossEncoderTemplate("rankllama", "query: {query}", "document: {passage}", append_eos=True, score="logit"),
-        # The plain text pair of bge-reranker, mxbai-rerank and other sequence-classification
-        # rerankers; their documented normalised score is the sigmoid of the logit.
-        CrossEncoderTemplate("pair", "{query}", "{passage}", append_eos=False, score="sigmoid"),
-    )
-}
-
-
-def cross_encoder_template(name: str, score: str | None = None) -> CrossEncoderTemplate:
-    """The named template, its score function replaced when `score` is given."""
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown cross-encoder template {name!r}: expected {' or '.join(TEMPLATES)}")
-    template = TEMPLATES[name]
-    return template if score is None else dataclasses.replace(template, score=score)
-
-
-@dataclass(frozen=True)
-class EncodedPair:
-    token_ids: list[int]
-    truncated: bool
-    # The first token of type 1 (the passage's), for a model whose tokenizer gives token types
-    # (BERT's); None for the others.
-    passage_start: int | None = None
 
 
 class PairEncoder:
@@ -105,14 +37,14 @@ class PairEncoder:
         self.max_model_len = max_model_len
         self.tail = [tokenizer.eos_token_id] if template.append_eos else []
 
-    def _encoded(self, first: str, second: str, truncated: bool = False) -> EncodedPair:
+    def _encoded(self, first: str, second: str, truncated: bool = False) -> EncodedPrompt:
         cut = {"truncation": "only_second", "max_length": self.max_model_len - len(self.tail)} if truncated else {}
         encoding = self.tokenizer(first, second, split_special_tokens=True, **cut)
         types = encoding.get("token_type_ids") or []
         passage_start = types.index(1) if 1 in types else None
-        return EncodedPair(encoding["input_ids"] + self.tail, truncated, passage_start)
+        return EncodedPrompt(encoding["input_ids"] + self.tail, truncated, passage_start)
 
-    def encode(self, query: str, text: str, title: str | None = None, instruction: str | None = None) -> EncodedPair:
+    def encode(self, query: str, text: str, title: str | None = None, instruction: str | None = None) -> EncodedPrompt:
         first, second = self.template.texts(query, text, title, instruction)
         encoded = self._encoded(first, second)
         if len(encoded.token_ids) <= self.max_model_len:
@@ -173,7 +105,7 @@ def _started(engine: EngineConfig, start):
     return llm
 
 
-def _request(pair: EncodedPair):
+def _request(pair: EncodedPrompt):
     """A classify request for the pair without the head's activation: the engine returns the raw
     logit, and the template decides what of it is the score. Token types go as vLLM's own scoring
     sends them, as the position where type 1 begins."""
@@ -205,7 +137,7 @@ class CrossEncoderEngine:
             llm = _started(engine, lambda: LLM(**cross_encoder_arguments(engine)))
         self.llm = llm
 
-    def score(self, pairs: Sequence[EncodedPair]) -> list[float]:
+    def score(self, pairs: Sequence[EncodedPrompt]) -> list[float]:
         if not pairs:
             return []
         prompts, params = zip(*map(_request, pairs))
@@ -229,7 +161,7 @@ class AsyncCrossEncoderEngine:
             AsyncEngineArgs(**cross_encoder_arguments(engine), disable_log_stats=False), usage_context=UsageContext.LLM_CLASS,
         ))
 
-    async def score(self, pair: EncodedPair) -> float:
+    async def score(self, pair: EncodedPrompt) -> float:
         final = None
         async for output in self.llm.encode(*_request(pair), uuid.uuid4().hex):
             final = output

@@ -27,8 +27,13 @@ class PromptTooLong(ValueError):
 
 @dataclass(frozen=True)
 class EncodedPrompt:
+    """A pair's model input: a Rank1 prompt, or a cross-encoder's text pair."""
+
     token_ids: list[int]
     truncated: bool
+    # A cross-encoder's first passage token, for a model whose tokenizer gives token types
+    # (BERT's): vLLM rebuilds the types from it. None for the others.
+    passage_start: int | None = None
 
 
 def load_tokenizer(engine: EngineConfig) -> Any:
