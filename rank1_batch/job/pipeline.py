@@ -1,6 +1,7 @@
 """The whole flow of a run: read pairs, prepare prompts, score them on an actor pool, write.
 
     checks (inputs, output, model, resources; nothing written yet) -> lease on the output ->
+    [a cascade's cross-encoder: a run of its own into OUTPUT/cascade/, its order Rank1's first stage] ->
     Parquet shards -> prepare (validate, top-k, prompt; set-aside rows written) -> score (one
     vLLM engine per actor; each batch committed to traces/ and scores/) -> ranked/, run.trec
     -> _manifest.json
@@ -19,7 +20,7 @@ from collections import Counter
 import pyarrow as pa
 from tqdm import tqdm
 
-from . import stages
+from . import cascade, stages
 from .checkpoint import Done, check_output, done_in, open_output, with_fit_settled
 from .compaction import compact
 from ..cluster.connection import connect, is_own_cluster
@@ -80,6 +81,8 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
     job = with_fit_settled(output, job)
     check_output(output, job)
     stages.scorer_of(job)  # the model's tokenizer and the context budget; a model the scorer cannot serve is refused
+    if job.cascade.model:
+        stages.scorer_of(cascade.cross_encoder_job(job))
     store = ScoreStore.open(job.run.store, job.run, create=True) if job.run.store else None
     result = result_identity(job, model_fingerprint(job.engine)) if store else None
     connect(job)
@@ -88,11 +91,13 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
     with Lease(output, job.run.lease_timeout) as lease, store.writing(lease.holder.run_id) if store else contextlib.nullcontext():
         reuse = stages.Reuse(store, result, lease.holder.run_id) if store else None
         listed = open_output(output, job)
+        first_stage, cross_encoder = run_cross_encoder(job, show_progress) if job.cascade.model else (None, None)
         inputs = index_inputs(fs, shards, job.run.columns, PREPARE_CPUS)
         done = done_in(output, listed, inputs, PREPARE_CPUS)
         duplicates = find_duplicates(fs, shards, job, inputs.repeated)
         gate = start_gate(output, lease.holder.run_id, job.run.lease_timeout)
-        batches = committed_batches(read(fs, shards, job), job, output, done, duplicates, reuse, gpus, gate)
+        batches = committed_batches(read(fs, shards, job), job, output, done, duplicates, reuse, gpus, gate,
+                                    first_stage)
         input_rows = sum(shard.rows for shard in shards)
         to_do = input_rows - done.pairs
         this_run = follow(batches, to_do, show_progress, job.run, gate, lease.heartbeat.lost) if to_do > 0 else ThisRun()
@@ -103,7 +108,16 @@ def run(job: JobConfig, show_progress: bool = True) -> dict:
         lease.ensure_held("ranked/ and run.trec")
         counts = write_ranked_outputs(output, job, input_rows, PREPARE_CPUS)
         lease.ensure_held(MANIFEST)
-        return write_manifest(output, job, counts, this_run, time.monotonic() - started)
+        return write_manifest(output, job, counts, this_run, time.monotonic() - started, cross_encoder)
+
+
+def run_cross_encoder(job: JobConfig, show_progress: bool) -> tuple[pa.Table, dict]:
+    """A cascade's first run, to the end (see `cascade`): its ranking, Rank1's first stage, and
+    what the Rank1 run's manifest records of it."""
+    log.info("cascade: the cross-encoder %s scores the candidates first, into %s", job.cascade.model,
+             cascade.cascade_url(job))
+    manifest = run(cascade.cross_encoder_job(job), show_progress)
+    return cascade.cross_encoder_ranking(job), cascade.stage_summary(manifest)
 
 
 def place_engines(job: JobConfig) -> bool:
@@ -139,7 +153,7 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
 
 
 def committed_batches(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
-                      reuse: stages.Reuse | None, gpus: bool, gate):
+                      reuse: stages.Reuse | None, gpus: bool, gate, first_stage: pa.Table | None = None):
     """The dataset of committed batches' counts: prepare (CPU tasks) -> score and commit each
     batch (actor pool, one engine each), each batch started only while the `gate` lets it."""
     import ray
@@ -152,7 +166,7 @@ def committed_batches(pairs, job: JobConfig, output: Output, done: Done, duplica
     prompts = pairs.map_batches(
         stages.build_prompts,
         fn_kwargs={"job": job, "output": output, "done": done, "duplicates": duplicates, "reuse": reuse,
-                   "gate": gate},
+                   "gate": gate, "first_stage": first_stage},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=PREPARE_CPUS,

@@ -22,7 +22,7 @@ from ..model.encoding import EncodedPrompt, PromptTooLong
 from ..model.engine_metrics import EngineTotals, read_totals
 from ..model.scorer_kinds import ScorerKind, scorer_kind
 from ..ir.agreement import grades
-from ..ir.ranking import top_k_mask
+from ..ir.ranking import top_k_mask, with_first_stage
 from ..model.judgement import OUTCOMES
 from ..schema import (
     ERRORS_SCHEMA,
@@ -91,12 +91,15 @@ def scorer_of(job: JobConfig) -> tuple[ScorerKind, object]:
 
 
 def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
-                  reuse: Reuse | None, gate=None) -> pa.Table:
+                  reuse: Reuse | None, gate=None, first_stage: pa.Table | None = None) -> pa.Table:
     """Skip work already done, validate rows, keep the top k, build each prompt, and commit the
-    pairs whose judgement is in the score store. Rows set aside (rejected, beyond the top k, or
+    pairs whose judgement is in the score store. A cascade's `first_stage` (the cross-encoder's
+    ranking) replaces the input's first-stage rank and score, so the top k are of its order. Rows set aside (rejected, beyond the top k, or
     reused) are written here, while the run holds its output (asked of the `gate`), and pass on
     without a prompt, so the progress display can count them."""
     pairs = to_contract(batch, job.run.columns)
+    if first_stage is not None:
+        pairs = with_first_stage(pairs, first_stage)
     pairs = pairs.filter(pc.invert(pc.is_in(pairs[ROW_HASH], done.rejected_rows)))
     pairs, rejects = split_rejects(pairs, duplicates)
     # only the done keys of this batch's input shards, not the whole output's
