@@ -21,6 +21,9 @@ INPUT_SCHEMA = pa.schema(
     ]
 )
 
+# A cross-encoder's (see model/scorer_kinds.py): `score` is its template's (sigmoid or raw logit),
+# `label` null for a logit; outcome, logprobs, reasoning tokens, samples, sample scores and
+# agreement are Rank1's and null.
 SCORES_SCHEMA = pa.schema(
     [
         ("query_id", pa.string()),
