@@ -326,6 +326,9 @@ class JobConfig:
             found.append("--answered-only has no effect without --labels")
         if self.run.run_tag != RunConfig.run_tag and not self.run.trec_run:
             found.append("--run-tag has no effect with --no-trec-run")
+        if (self.scoring.scorer == "cross-encoder" and self.scoring.threshold != ScoringConfig.threshold
+                and cross_encoder_template(self.scoring.cross_encoder_template).score == "logit"):
+            found.append("--threshold has no effect on a raw logit, which gets no label")
         if self.engine.top_p != GREEDY["top_p"] and self.engine.temperature == 0:
             found.append("--top-p has no effect at --temperature 0 (greedy)")
         in_flight = self.run.batch_size * self.run.max_concurrent_batches

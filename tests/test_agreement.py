@@ -236,3 +236,14 @@ def test_grades_from_a_job_spec_and_the_command_line_agree():
     assert JobConfig.from_options({"grades": [0.1, 0.5, 0.9]}).scoring.grades == (0.1, 0.5, 0.9)
     job = JobConfig.from_options({"grades": "0.1,0.5,0.9"})
     assert job.scoring.grades == (0.1, 0.5, 0.9) and job.to_dict()["scoring"]["grades"] == [0.1, 0.5, 0.9]
+
+
+def test_a_run_scored_by_raw_logits_has_no_labels_to_agree_or_calibrate(tmp_path):
+    logits = scores_table().set_column(SCORES_SCHEMA.get_field_index("label"), "label",
+                                       pa.nulls(len(JUDGED) + 2, pa.bool_()))
+    (tmp_path / "out" / "scores").mkdir(parents=True)
+    pq.write_table(logits, tmp_path / "out" / "scores" / "part-0.parquet")
+    (tmp_path / "qrels.txt").write_text("q1 0 d1 3\n")
+    for command in ("agreement", "calibrate"):
+        result = CliRunner().invoke(main, [command, "--run", str(tmp_path / "out"), "--qrels", str(tmp_path / "qrels.txt")])
+        assert result.exit_code == 1 and "no labels, as its scores are a cross-encoder's raw logits" in result.output

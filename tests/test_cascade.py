@@ -8,7 +8,9 @@ import json
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from click.testing import CliRunner
 
+from rank1_batch.cli import main
 from rank1_batch.config import JobConfig, ScoringConfig
 from rank1_batch.ir.ranking import with_first_stage
 from rank1_batch.job.checkpoint import ConfigurationChanged
@@ -67,6 +69,12 @@ def test_the_store_key_names_the_kind_and_template_and_rank1_keys_stay_as_they_w
         {"model": "m", "scorer": "cross-encoder", "cross_encoder_template": template}), "f")["scoring"]
         for template in ("pair", "rankllama")}
     assert keys["pair"]["scorer"] == "cross-encoder" and keys["pair"] != keys["rankllama"]
+
+
+def test_a_threshold_for_a_raw_logit_is_named_as_ineffective():
+    job = JobConfig.from_options({"model": "m", "scorer": "cross-encoder", "cross_encoder_template": "rankllama",
+                                  "threshold": 0.7})
+    assert job.ineffective_options() == ["--threshold has no effect on a raw logit, which gets no label"]
 
 
 def test_a_cross_encoders_label_is_its_sigmoid_at_the_threshold_and_a_logit_has_none():
@@ -140,6 +148,18 @@ def test_a_cross_encoder_run_ranks_by_its_score(cross_encoder_run):
     for query_id in set(ranked["query_id"].to_pylist()):
         scores = ranked.filter(pc.equal(ranked["query_id"], query_id))["score"].to_pylist()
         assert scores == sorted(scores, reverse=True)
+
+
+def test_a_cross_encoder_runs_report_has_its_scores_and_no_outcomes_or_reasoning(cross_encoder_run):
+    _, root, _ = cross_encoder_run
+    result = CliRunner().invoke(main, ["report", str(root / "output")])
+    assert result.exit_code == 0, result.output
+    report = (root / "output" / "report" / "report.md").read_text()
+    assert "a cross-encoder with the `pair` template, scored by its sigmoid" in report
+    assert "## Scores" in report and "labelled relevant" in report
+    assert "## Outcomes" not in report and "## Reasoning length" not in report
+    assert sorted(path.name for path in (root / "output" / "report").glob("*.png")) == ["rank-movement.png",
+                                                                                      "score-histogram.png"]
 
 
 def test_the_store_gives_a_cross_encoders_scores_back_without_an_engine(cross_encoder_run, candidates):

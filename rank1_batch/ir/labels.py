@@ -31,6 +31,9 @@ def read_labels(output: Output) -> pa.Table:
     scores = output.read("scores", LABEL_COLUMNS, SCORES_SCHEMA)
     if not scores.num_rows:
         raise ValueError(f"{output.url}: no scored pairs under scores/ (is it a rank1-batch output?)")
+    if scores["label"].null_count == scores.num_rows:
+        raise ValueError(f"{output.url}: its pairs have no labels, as its scores are a cross-encoder's raw logits, "
+                         "not probabilities; labels need Rank1 or a cross-encoder template scored by its sigmoid")
     return scores
 
 
