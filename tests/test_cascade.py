@@ -162,6 +162,12 @@ def test_a_cross_encoder_runs_report_has_its_scores_and_no_outcomes_or_reasoning
                                                                                       "score-histogram.png"]
 
 
+def test_a_cross_encoder_run_has_no_reasoning_to_export(cross_encoder_run, tmp_path):
+    _, root, _ = cross_encoder_run
+    result = CliRunner().invoke(main, ["export", str(root / "output"), "--to", str(tmp_path / "examples.jsonl")])
+    assert result.exit_code == 1 and "scored by a cross-encoder, which writes no reasoning to export" in result.output
+
+
 def test_the_store_gives_a_cross_encoders_scores_back_without_an_engine(cross_encoder_run, candidates):
     job, root, first = cross_encoder_run
     again = run(JobConfig.from_options(cross_encoder_options(input=[str(candidates[1])], output=str(root / "again"),

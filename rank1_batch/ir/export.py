@@ -100,6 +100,9 @@ def export_command(output_url, target, inputs, qrels_url, relevance_cut, answere
     if not output.exists(JOB_FILE):
         raise click.ClickException(f"{output_url}: no {JOB_FILE}, so not a rank1-batch output")
     recorded = json.loads(output.fs.cat_file(output.path(JOB_FILE)))
+    if recorded["scoring"].get("scorer", "rank1") != "rank1":
+        raise click.ClickException(f"{output_url} was scored by a {recorded['scoring']['scorer']}, which writes no "
+                                   "reasoning to export")
     dropped: dict[str, int] = {}
 
     def counted(reason: str, before: pa.Table, after: pa.Table) -> pa.Table:
