@@ -20,10 +20,10 @@ import click
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rank1_batch.config import EngineConfig, job_logging
+from rank1_batch.config import TINY_CROSS_ENCODER_DIR, EngineConfig, job_logging
 from rank1_batch.ir.prepare import from_rankllm
 from rank1_batch.ir.ranking import rank
-from rank1_batch.model.cross_encoder import TINY_CROSS_ENCODER_DIR, CrossEncoderScorer
+from rank1_batch.model.cross_encoder import CrossEncoderScorer
 from rank1_batch.model.scorer import Rank1Scorer
 
 log = logging.getLogger("rank1_batch.benchmarks.cascade")

@@ -18,7 +18,7 @@ import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rank1_batch.config import EngineConfig, JobConfig
+from rank1_batch.config import TINY_CROSS_ENCODER_DIR, EngineConfig, JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +118,7 @@ def scorer():
 def cross_encoder():
     """The bundled cross-encoder on one pooling engine; `with_template` reuses it. float32, so its
     scores can be held to transformers' within 1e-4."""
-    from rank1_batch.model.cross_encoder import TINY_CROSS_ENCODER_DIR, CrossEncoderScorer
+    from rank1_batch.model.cross_encoder import CrossEncoderScorer
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     engine = EngineConfig(model=str(TINY_CROSS_ENCODER_DIR), dtype="float32", max_model_len=256, enforce_eager=True)

@@ -11,9 +11,8 @@ import math
 
 import pytest
 
-from rank1_batch.config import EngineConfig
+from rank1_batch.config import TINY_CROSS_ENCODER_DIR, EngineConfig
 from rank1_batch.model.cross_encoder import (
-    TINY_CROSS_ENCODER_DIR,
     CrossEncoderRefused,
     CrossEncoderScorer,
     PairEncoder,

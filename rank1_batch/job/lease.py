@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from ..config import JobError, RunConfig
-from .storage import ABSENT, Changed, Output
+from .storage import Changed, Output
 
 LEASE_FILE = "_lease.json"
 # A heartbeat renewed this often stays well inside any sensible stale limit.

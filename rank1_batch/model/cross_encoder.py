@@ -10,10 +10,9 @@ does Rank1 prompts.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..config import TINY_CROSS_ENCODER_DIR, EngineConfig, JobError
+from ..config import EngineConfig, JobError
 from .cross_encoder_templates import CrossEncoderTemplate, cross_encoder_template
 from .encoding import EncodedPrompt, PromptTooLong, context_length, load_tokenizer
 from .engine import engine_arguments, set_cpu_cache_space
