@@ -94,9 +94,10 @@ def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, d
                   reuse: Reuse | None, gate=None, first_stage: pa.Table | None = None) -> pa.Table:
     """Skip work already done, validate rows, keep the top k, build each prompt, and commit the
     pairs whose judgement is in the score store. A cascade's `first_stage` (the cross-encoder's
-    ranking) replaces the input's first-stage rank and score, so the top k are of its order. Rows set aside (rejected, beyond the top k, or
-    reused) are written here, while the run holds its output (asked of the `gate`), and pass on
-    without a prompt, so the progress display can count them."""
+    ranking) replaces the input's first-stage rank and score, so the top k are of its order. Rows
+    set aside (rejected, beyond the top k, or reused) are written here, while the run holds its
+    output (asked of the `gate`), and pass on without a prompt, so the progress display can count
+    them."""
     pairs = to_contract(batch, job.run.columns)
     if first_stage is not None:
         pairs = with_first_stage(pairs, first_stage)
