@@ -64,6 +64,7 @@ def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
 
+
 # The tiny model's settings in every integration test: eager mode starts in seconds on a CPU.
 TINY_ENGINE = EngineConfig(
     model="tiny", dtype="bfloat16", max_model_len=1024, max_reasoning_tokens=128, enforce_eager=True
