@@ -42,9 +42,28 @@ def pytest_collection_modifyitems(items):
         # shares no fixture with its module goes to whichever worker is free.
         alone = item.get_closest_marker("own_processes") and not OWN_PROCESSES & fixtures
         item.add_marker(pytest.mark.xdist_group(item.nodeid if alone else item.module.__name__))
-    # Those lone tests are the longest (kills and restarts of whole runs): handed out first, they
-    # run beside the rest rather than after it.
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group").args[0] != item.nodeid)
+    # Groups are handed out in the order of their first test, longest work first, so that the
+    # workers finish together rather than one running a kill-and-restart test alone at the end:
+    # the lone tests (kills and restarts of whole runs), then modules that start Ray or runs of
+    # their own, then the other integration tests (those with more tests on Ray, which mostly run
+    # whole jobs, first), then pure logic.
+    tiers: dict[str, int] = {}
+    on_ray: dict[str, int] = {}
+    for item in items:
+        group = item.get_closest_marker("xdist_group").args[0]
+        tier = (0 if group == item.nodeid else 1 if item.get_closest_marker("own_processes")
+                else 2 if item.get_closest_marker("integration") else 3)
+        tiers[group] = min(tier, tiers.get(group, tier))
+        on_ray[group] = on_ray.get(group, 0) + ("ray_session" in item.fixturenames)
+    items.sort(key=lambda item: (tiers[group := item.get_closest_marker("xdist_group").args[0]], -on_ray[group]))
+
+
+def pytest_configure(config):
+    # pytest-xdist otherwise hands out the groups with the most tests first, which puts the lone
+    # tests, the longest, last.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
 
 # The tiny model's settings in every integration test: eager mode starts in seconds on a CPU.
 TINY_ENGINE = EngineConfig(

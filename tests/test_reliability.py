@@ -157,7 +157,7 @@ def test_driver_killed_at_several_points_then_resumed_storing_each_pair_once(tmp
 def test_sigterm_drains_the_batches_in_flight_then_a_rerun_finishes(tmp_path):
     """Pre-emption: after SIGTERM no batch starts, the ones the engine holds are committed within
     the grace period, the output is released and the run exits non-zero; a re-run does the rest."""
-    pairs = candidate_lists(queries=16, per_query=10, seed=43)
+    pairs = candidate_lists(queries=8, per_query=8, seed=43)
     write_shards(pairs, tmp_path / "input", shards=2)
     output = tmp_path / "output"
     process = start_run(tmp_path / "input", output, max_concurrent_batches=2, grace_period=120)
