@@ -91,12 +91,13 @@ def test_unreadable_file_fails_naming_it(tmp_path, content):
     assert not (tmp_path / "output").exists()
 
 
-def start_run(input_dir: Path, output: Path, batch_size: int = 4, **options) -> subprocess.Popen:
+def start_run(input_dir: Path, output: Path, batch_size: int = 4, env: dict | None = None, **options) -> subprocess.Popen:
     """A run in a process of its own, with its own local Ray; small batches, so that it can be
     stopped between commits (a run that finishes what others left may take larger ones: the batch
     size decides no result)."""
     command = [CLI, "run", "--input", str(input_dir), "--output", str(output), *tiny_run_options(batch_size=batch_size, **options)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=None if env is None else {**os.environ, **env})
 
 
 def kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> bool:
@@ -116,6 +117,14 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> bool:
 def committed(output: Path, directory: str = "scores") -> int:
     files = [p for p in (output / directory).glob("part-*.parquet")] if (output / directory).exists() else []
     return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+
+
+def command_line(process: psutil.Process) -> str:
+    """Empty for a process that has ended since it was listed (Ray's short-lived workers do)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -188,14 +197,14 @@ def test_engine_actor_or_its_engine_killed_mid_batch_is_replaced(tmp_path, victi
     pairs = candidate_lists(queries=3, per_query=10, seed=41)
     write_shards(pairs, tmp_path / "input", shards=2)
     output = tmp_path / "output"
-    process = start_run(tmp_path / "input", output)
+    # The CPU build's own layout, its worker in a process of its own: all of it is killed.
+    process = start_run(tmp_path / "input", output, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     deadline = time.monotonic() + 300
     while committed(output) < 4:
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     # this run's own actors only: other tests may run beside it
-    actors = [p for p in psutil.Process(process.pid).children(recursive=True)
-              if "MapWorker(MapBatches(ScorePairs))" in " ".join(p.as_dict(["cmdline"])["cmdline"] or [])]
+    actors = [p for p in psutil.Process(process.pid).children(recursive=True) if "MapWorker(MapBatches(ScorePairs))" in command_line(p)]
     assert actors, "no scorer actor found"
     for actor in actors:
         for process_to_kill in [actor] if victim == "actor" else actor.children(recursive=True):
