@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 import pyarrow as pa
@@ -68,7 +69,8 @@ def pytest_configure(config):
 # The engine's worker in its engine core's process, as vLLM runs a one-device GPU engine, rather than
 # in a process of its own, as the CPU build does by default to set OpenMP up: one Python process
 # fewer to spawn and import vLLM into at each engine start, about a third of it. Ray's workers and
-# the runs started as processes inherit it; the engine-kill test keeps the CPU build's own layout.
+# the runs started as processes inherit it; the engine-kill test keeps the CPU build's own layout,
+# and the blocking engines below theirs (see `blocking_engine`).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 # The tiny model's settings in every integration test: eager mode starts in seconds on a CPU.
@@ -118,6 +120,15 @@ def tiny_run_options(**options) -> list[str]:
     return arguments
 
 
+def command_line(process) -> str:
+    """A `psutil.Process`'s command line; empty for one that has ended since it was listed (Ray's
+    short-lived workers do)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def read_dir(path) -> pa.Table:
     return pq.read_table(str(path))
 
@@ -131,12 +142,21 @@ def synthetic():
     return tiny_model_builder()
 
 
+def blocking_engine(start):
+    """`start()`, a blocking `vllm.LLM`'s scorer, with its engine core in a process of its own: with
+    the variable above at 0, the core would run in the test process, whose shutdown hangs in ZeroMQ
+    at the session's end."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+        return start()
+
+
 @pytest.fixture(scope="session")
 def scorer():
     from rank1_batch.model.scorer import Rank1Scorer
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return Rank1Scorer(TINY_ENGINE)
+    return blocking_engine(lambda: Rank1Scorer(TINY_ENGINE))
 
 
 @pytest.fixture(scope="session")
@@ -145,9 +165,8 @@ def cross_encoder():
     scores can be held to transformers' within 1e-4."""
     from rank1_batch.model.cross_encoder import CrossEncoderScorer
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     engine = EngineConfig(model=str(TINY_CROSS_ENCODER_DIR), dtype="float32", max_model_len=256, enforce_eager=True)
-    return CrossEncoderScorer(engine)
+    return blocking_engine(lambda: CrossEncoderScorer(engine))
 
 
 # Credentials of the test S3 server only; s3fs and the Ray workers read them from the environment.

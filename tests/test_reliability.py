@@ -23,7 +23,7 @@ from rank1_batch.job.score_store import ScoreStore
 from rank1_batch.job.pipeline import run
 from rank1_batch.schema import InputError
 
-from .conftest import candidate_lists, pair_keys, read_dir, tiny_job, tiny_run_options, write_shards
+from .conftest import candidate_lists, command_line, pair_keys, read_dir, tiny_job, tiny_run_options, write_shards
 
 CLI = str(Path(sys.executable).parent / "rank1-batch")
 
@@ -117,14 +117,6 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> bool:
 def committed(output: Path, directory: str = "scores") -> int:
     files = [p for p in (output / directory).glob("part-*.parquet")] if (output / directory).exists() else []
     return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-
-
-def command_line(process: psutil.Process) -> str:
-    """Empty for a process that has ended since it was listed (Ray's short-lived workers do)."""
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
 
 
 def finish(process: subprocess.Popen) -> str:

@@ -29,6 +29,7 @@ def actor(tmp_path_factory):
     output = tmp_path_factory.mktemp("row-errors")
     job = tiny_job(input=["unused"], output=str(output))
     scorer = ScorePairs(job, Output(str(output), RunConfig()))
+    scorer.start_engine()  # as its first batch with a pair to judge would
     # One event loop for the actor's life, as in a Ray actor: the engine's output handler lives on it.
     loop = asyncio.new_event_loop()
     scorer.call = lambda batch: loop.run_until_complete(scorer(batch))

@@ -27,7 +27,7 @@ from rank1_batch.cli import SAMPLE, job_config, main, run
 from rank1_batch.config import EngineConfig, JobConfig, RunConfig, ScoringConfig
 from rank1_batch.cluster.submit import WORKING_DIR_EXCLUDES, entrypoint, for_cluster, runtime_env
 
-from .conftest import ROOT, candidate_lists, pair_keys, read_dir, tiny_run_options, write_shards
+from .conftest import ROOT, candidate_lists, command_line, pair_keys, read_dir, tiny_run_options, write_shards
 
 VENV_BIN = Path(sys.executable).parent
 TINY_OPTIONS = ["--model", "tiny", "--dtype", "bfloat16", "--max-model-len", "1024",
@@ -433,7 +433,7 @@ def test_a_lost_node_loses_no_pair(submitted, ray_head, tmp_path):
             assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0].decode()[-3000:]
             time.sleep(0.1)
         on_worker = [process for process in psutil.Process(worker.pid).children(recursive=True)
-                     if "ScorePairs" in " ".join(process.cmdline())]
+                     if "ScorePairs" in command_line(process)]
         assert on_worker, "the engine actor did not start on the worker node"
 
         stop_node(worker)

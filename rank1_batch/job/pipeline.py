@@ -294,10 +294,10 @@ def stall_message(seconds: float, done: int, total: int, states: Counter, in_fli
     (see `engine_actor_states`) and the number of batches they hold (`in_flight`)."""
     alive, starting = states.get("ALIVE", 0), states.get("PENDING_CREATION", 0) + states.get("RESTARTING", 0)
     if starting:
-        stage = f"{starting} engine actor(s) still starting (loading the model), {alive} ready"
+        stage = f"{starting} engine actor(s) still starting, {alive} ready"
     elif alive and in_flight:
-        stage = (f"{alive} engine actor(s) scoring {in_flight} batch(es), none finished in time (a batch too slow, "
-                 "or a hung engine)")
+        stage = (f"{alive} engine actor(s) scoring {in_flight} batch(es), none finished in time (an engine still "
+                 "loading its model, which it does with its first pair to judge; a batch too slow; or a hung engine)")
     elif alive:
         stage = (f"{alive} engine actor(s) ready and given no batch: the prepare stage (reading the input, building "
                  "prompts) has not produced one in time")

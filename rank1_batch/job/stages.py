@@ -192,11 +192,6 @@ class ScorePairs:
         self.restarted = was_restarted()
         # Each batch on this actor, with the pair it has alone in the engine when it runs one at a time.
         self.in_flight: dict[str, tuple[str, str] | None] = {}
-        # With a store, the engine starts with the first pair the store has not judged, so that a
-        # night whose pairs are all stored starts none; without one, with the actor, where a
-        # failure to start is clearest.
-        if reuse is None:
-            self.start_engine()
 
     def start_engine(self) -> None:
         import ray
@@ -226,8 +221,11 @@ class ScorePairs:
         prompts = batch.filter(pc.is_valid(batch["prompt_token_ids"]))
         encoded = [EncodedPrompt(**{field: row[column] for column, field in ENCODED_COLUMNS.items()})
                    for row in prompts.select(list(ENCODED_COLUMNS)).to_pylist()]
+        # The engine starts with the first pair to judge, so that a run with none (a resume with
+        # nothing left, a night whose pairs are all stored or all rejected) starts none. On the event
+        # loop, so no other batch reaches the engine before it is up.
         if encoded and self.engine is None:
-            self.start_engine()  # on the event loop, so no other batch reaches the engine before it is up
+            self.start_engine()
         if self.monitor:
             self.monitor.start()
         name = content_name(prompts["query_id"], prompts["doc_id"])  # the whole batch: a retry rewrites it
