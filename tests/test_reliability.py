@@ -78,6 +78,7 @@ def test_bad_input_is_rejected_row_by_row_and_the_rest_scored(ray_session, tmp_p
     # ...and the same configuration resumes with nothing left to do.
     again = run(tiny_job(input=[str(input_dir)], output=str(tmp_path / "output"), fit="budget"), show_progress=False)
     assert again["scored_this_run"] == 0 and again["counts"] == manifest["counts"]
+    assert again["engine"]["starts"] == 0  # nothing left to judge, so no engine
 
 
 @pytest.mark.parametrize("content", [b"this is not parquet at all", b"cut"], ids=["not-parquet", "cut-short"])

@@ -191,6 +191,7 @@ def test_a_run_where_every_pair_fails_exits_non_zero(ray_session, tmp_path):
     assert failed.exit_code != 0
     assert "4 of 4 pairs to rerank (100.0%) were rejected or fell back" in failed.output
     assert (tmp_path / "out" / "_manifest.json").exists()  # everything else was written
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["engine"]["starts"] == 0  # nothing to judge
 
 
 def test_the_failed_share_counts_only_the_pairs_to_rerank(ray_session, tmp_path):
