@@ -23,7 +23,7 @@ endif
 # Two pytest-xdist workers, each with its own Ray, engine and S3 server: much of a test's time is
 # spent starting processes, which leaves the other core free.
 test: setup
-	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup --durations=10
 
 # The tests of pure logic: no Ray, no engine, no S3 server.
 test-quick: setup
