@@ -72,6 +72,9 @@ def pytest_configure(config):
 # the runs started as processes inherit it; the engine-kill test keeps the CPU build's own layout,
 # and the blocking engines below theirs (see `blocking_engine`).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# The smallest KV cache a CPU build takes (GiB), for every engine of the session: the tiny model's
+# sequences need far less, and each engine start allocates it whole.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 # The tiny model's settings in every integration test: eager mode starts in seconds on a CPU.
 TINY_ENGINE = EngineConfig(
@@ -146,7 +149,6 @@ def blocking_engine(start):
     """`start()`, a blocking `vllm.LLM`'s scorer, with its engine core in a process of its own: with
     the variable above at 0, the core would run in the test process, whose shutdown hangs in ZeroMQ
     at the session's end."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
         return start()
