@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rank1_batch.config import JobConfig
-from rank1_batch.job.pipeline import run
+from rank1_batch.job.pipeline import FOOTER_READERS, footer_readers_for, run
 from rank1_batch.schema import InputError, RANKED_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA
 from rank1_batch.model.scorer import Pair
 
@@ -191,3 +192,18 @@ def test_s3_to_s3(ray_session, s3_endpoint, tmp_path, capfd):
     for log in session_logs.rglob("*"):
         if log.is_file():
             assert secret not in log.read_bytes(), log
+
+
+@pytest.mark.parametrize(("files", "readers"), [(1, 1), (25, 3), (1000, 32)])
+def test_ray_data_reads_footers_on_one_actor_per_batch_of_files(files, readers, monkeypatch):
+    """The pool Ray Data itself builds for a read of so many files: not 32 processes for a few files."""
+    from ray.data._internal.datasource_v2.formats.parquet.parquet_datasource_v2 import ParquetDatasourceV2
+
+    monkeypatch.delenv(FOOTER_READERS, raising=False)
+    with footer_readers_for(files):
+        indexer = ParquetDatasourceV2(paths=["unread.parquet"])._get_file_indexer()
+    assert indexer._num_actors == readers
+    assert FOOTER_READERS not in os.environ
+    monkeypatch.setenv(FOOTER_READERS, "5")  # the user's own size stays
+    with footer_readers_for(files):
+        assert ParquetDatasourceV2(paths=["unread.parquet"])._get_file_indexer()._num_actors == 5

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -142,14 +143,36 @@ def read(fs, shards: list[Shard], job: JobConfig, keys_only: bool = False):
         columns = key_columns(job.run.columns) if keys_only else source_columns(shard.columns, job.run.columns)
         signature = tuple((name, str(shard.schema.field(name).type)) for name in columns)
         groups.setdefault(signature, []).append(shard.path)
-    datasets = [
-        ray.data.read_parquet(
-            paths, filesystem=arrow_filesystem(fs), file_extensions=None, include_row_hash=True,
-            include_paths=True,
-        ).select_columns([*(name for name, _ in signature), ROW_HASH, SHARD_PATH])
-        for signature, paths in groups.items()
-    ]
+    datasets = []
+    for signature, paths in groups.items():
+        with footer_readers_for(len(paths)):
+            dataset = ray.data.read_parquet(paths, filesystem=arrow_filesystem(fs), file_extensions=None,
+                                            include_row_hash=True, include_paths=True)
+        datasets.append(dataset.select_columns([*(name for name, _ in signature), ROW_HASH, SHARD_PATH]))
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+# Ray Data 2.60 reads each Parquet footer again, on a pool of FooterReader actors of a fixed size (32
+# unless RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise) however few the files, and each actor is
+# a Python process to start: on 2 cores, a run of a few shards spent about a third of its CPU time
+# starting them. The pool is read from the variable when `read_parquet` is called, on the driver.
+FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FILES_PER_FOOTER_READ = 10  # Ray Data's own batch of files per footer-reading call
+MOST_FOOTER_READERS = 32
+
+
+@contextlib.contextmanager
+def footer_readers_for(files: int):
+    """One footer-reading actor per batch of files that Ray Data hands one, unless the user set the
+    pool's size."""
+    if FOOTER_READERS in os.environ:
+        yield
+        return
+    os.environ[FOOTER_READERS] = str(min(MOST_FOOTER_READERS, -(-files // FILES_PER_FOOTER_READ)))
+    try:
+        yield
+    finally:
+        del os.environ[FOOTER_READERS]
 
 
 def committed_batches(pairs, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
