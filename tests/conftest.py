@@ -75,6 +75,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # The smallest KV cache a CPU build takes (GiB), for every engine of the session: the tiny model's
 # sequences need far less, and each engine start allocates it whole.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# vLLM's few `torch.compile`d sampling ops (the label pass's logprobs among them) run eagerly: on a
+# CPU each engine start otherwise pays inductor's ISA probes and C++ header hashing, about 2 s, for
+# the same numbers (the fidelity tests hold the scores to the reference's either way).
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 # The tiny model's settings in every integration test: eager mode starts in seconds on a CPU.
 TINY_ENGINE = EngineConfig(

@@ -137,20 +137,6 @@ def test_a_column_named_path_is_refused_before_any_engine_starts(tmp_path):
     assert not (tmp_path / "output").exists()
 
 
-def test_column_mapping_and_integer_ids(ray_session, tmp_path):
-    pairs = candidate_lists(queries=2, per_query=3, seed=5)
-    renamed = pairs.rename_columns(["qid" if n == "query_id" else "passage" if n == "text" else n for n in pairs.column_names])
-    renamed = renamed.set_column(0, "qid", pa.array(range(renamed.num_rows), pa.int64()))
-    write_shards(renamed, tmp_path / "input", shards=1)
-    job = tiny_job(input=[str(tmp_path / "input")], output=str(tmp_path / "output"),
-                   columns={"query_id": "qid", "text": "passage"}, trec_run=False, write_traces=False)
-    manifest = run(job, show_progress=False)
-    scores = read_dir(tmp_path / "output" / "scores")
-    assert sorted(scores["query_id"].to_pylist(), key=int) == [str(i) for i in range(6)]
-    assert manifest["counts"]["scored"] == 6
-    assert not (tmp_path / "output" / "traces").exists() and not (tmp_path / "output" / "run.trec").exists()
-
-
 def test_s3_to_s3(ray_session, s3_endpoint, tmp_path, capfd):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="pairs")

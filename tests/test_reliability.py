@@ -26,10 +26,13 @@ from rank1_batch.schema import InputError
 from .conftest import candidate_lists, command_line, pair_keys, read_dir, tiny_job, tiny_run_options, write_shards
 
 CLI = str(Path(sys.executable).parent / "rank1-batch")
+# The bad input's own column names for the contract's query_id and text.
+COLUMNS = {"query_id": "qid", "text": "passage"}
 
 
 def bad_rows(tmp_path: Path) -> tuple[Path, dict]:
-    """Two shards full of trouble, with integer ids in one and string ids in the other."""
+    """Two shards full of trouble, with integer ids in one and string ids in the other, and their
+    own names for the query id and text columns (`COLUMNS` maps them)."""
     good = candidate_lists(queries=2, per_query=6, seed=21)
     rows = good.drop_columns(["relevant"]).to_pylist()
     rows[0]["query"] = None
@@ -48,16 +51,23 @@ def bad_rows(tmp_path: Path) -> tuple[Path, dict]:
         }
     )
     (tmp_path / "input").mkdir()
-    pq.write_table(first, tmp_path / "input" / "strings.parquet")
-    pq.write_table(second, tmp_path / "input" / "integers.parquet")
+    for table, name in ((first, "strings"), (second, "integers")):
+        own_names = [COLUMNS.get(column, column) for column in table.column_names]
+        pq.write_table(table.rename_columns(own_names), tmp_path / "input" / f"{name}.parquet")
     expected_rejects = {"query is null or empty": 1, "text is null or empty": 1,
                         "duplicate (query_id, doc_id): scored once": 2, "text is not valid UTF-8": 1}
     return tmp_path / "input", expected_rejects
 
 
 def test_bad_input_is_rejected_row_by_row_and_the_rest_scored(ray_session, tmp_path):
+    """Under a column mapping, and without traces or a TREC run."""
     input_dir, expected_rejects = bad_rows(tmp_path)
-    manifest = run(tiny_job(input=[str(input_dir)], output=str(tmp_path / "output"), fit="budget"), show_progress=False)
+
+    def job(**options):
+        return tiny_job(input=[str(input_dir)], output=str(tmp_path / "output"), fit="budget", columns=COLUMNS,
+                        trec_run=False, write_traces=False, **options)
+
+    manifest = run(job(), show_progress=False)
     scores, rejects = read_dir(tmp_path / "output" / "scores"), read_dir(tmp_path / "output" / "rejects")
     reasons = {reason: count for reason, count in zip(*pc.value_counts(rejects["reason"]).flatten())}
     assert {reason.as_py(): count.as_py() for reason, count in reasons.items()} == expected_rejects
@@ -70,13 +80,13 @@ def test_bad_input_is_rejected_row_by_row_and_the_rest_scored(ray_session, tmp_p
     assert long_passage["truncated"].to_pylist() == [True]
     bad_bytes = rejects.filter(pc.equal(rejects["reason"], "text is not valid UTF-8"))
     assert bad_bytes["text"].to_pylist() == ["bad \ufffd\ufffd bytes"]
+    assert not (tmp_path / "output" / "traces").exists() and not (tmp_path / "output" / "run.trec").exists()
 
     # The same output with another configuration is refused before anything runs...
-    changed = tiny_job(input=[str(input_dir)], output=str(tmp_path / "output"), fit="budget", max_reasoning_tokens=32)
     with pytest.raises(ConfigurationChanged, match=r"max_reasoning_tokens: 64 -> 32.*--overwrite"):
-        run(changed, show_progress=False)
+        run(job(max_reasoning_tokens=32), show_progress=False)
     # ...and the same configuration resumes with nothing left to do.
-    again = run(tiny_job(input=[str(input_dir)], output=str(tmp_path / "output"), fit="budget"), show_progress=False)
+    again = run(job(), show_progress=False)
     assert again["scored_this_run"] == 0 and again["counts"] == manifest["counts"]
     assert again["engine"]["starts"] == 0  # nothing left to judge, so no engine
 
@@ -126,6 +136,30 @@ def finish(process: subprocess.Popen) -> str:
     return out.decode()
 
 
+def wait_for_commits(process: subprocess.Popen, output: Path, pairs: int) -> None:
+    deadline = time.monotonic() + 300
+    while committed(output) < pairs:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the kill point"
+        time.sleep(0.1)
+
+
+def scorer_actors(process: subprocess.Popen) -> list[psutil.Process]:
+    """This run's engine actors' processes (other tests may run beside it)."""
+    actors = [p for p in psutil.Process(process.pid).children(recursive=True)
+              if "MapWorker(MapBatches(ScorePairs))" in command_line(p)]
+    assert actors, "no scorer actor found"
+    return actors
+
+
+def kill(processes: list[psutil.Process]) -> None:
+    """SIGKILL to each process that has not ended since it was listed."""
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
 @pytest.mark.own_processes
 def test_driver_killed_at_several_points_then_resumed_storing_each_pair_once(tmp_path):
     """Killed before anything is scored, then with some batches committed, then while ranking;
@@ -163,10 +197,7 @@ def test_sigterm_drains_the_batches_in_flight_then_a_rerun_finishes(tmp_path):
     write_shards(pairs, tmp_path / "input", shards=2)
     output = tmp_path / "output"
     process = start_run(tmp_path / "input", output, max_concurrent_batches=2, grace_period=120)
-    deadline = time.monotonic() + 300
-    while committed(output) < 4:
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for_commits(process, output, 4)
     process.send_signal(signal.SIGTERM)  # the driver alone, as `ray job stop` or a pod's eviction does
     out, _ = process.communicate(timeout=300)
     assert process.returncode != 0, out.decode()[-3000:]
@@ -183,25 +214,23 @@ def test_sigterm_drains_the_batches_in_flight_then_a_rerun_finishes(tmp_path):
 
 
 @pytest.mark.own_processes
-@pytest.mark.parametrize("victim", ["actor", "engine"])
-def test_engine_actor_or_its_engine_killed_mid_batch_is_replaced(tmp_path, victim):
-    """The actor's process, or only its engine's (the actor then sees the engine dead, records
-    its batches in flight and ends itself): Ray restarts the actor and its batches are retried."""
-    pairs = candidate_lists(queries=3, per_query=10, seed=41)
+def test_an_engine_then_its_actor_killed_mid_batch_are_replaced(tmp_path):
+    """First only the engine's processes (the actor then sees the engine dead, records its batches
+    in flight and ends itself), then, once its replacement has committed a batch, the replacement
+    actor's own process: each time Ray restarts the actor and its batches are retried."""
+    pairs = candidate_lists(queries=4, per_query=12, seed=41)
     write_shards(pairs, tmp_path / "input", shards=2)
     output = tmp_path / "output"
     # The CPU build's own layout, its worker in a process of its own: all of it is killed.
     process = start_run(tmp_path / "input", output, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
-    deadline = time.monotonic() + 300
-    while committed(output) < 4:
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
-    # this run's own actors only: other tests may run beside it
-    actors = [p for p in psutil.Process(process.pid).children(recursive=True) if "MapWorker(MapBatches(ScorePairs))" in command_line(p)]
-    assert actors, "no scorer actor found"
-    for actor in actors:
-        for process_to_kill in [actor] if victim == "actor" else actor.children(recursive=True):
-            process_to_kill.send_signal(signal.SIGKILL)
+    wait_for_commits(process, output, 4)
+    actors = scorer_actors(process)
+    engines = [engine_process for actor in actors for engine_process in actor.children(recursive=True)]
+    assert engines, "the scorer actor has no engine process"
+    kill(engines)
+    psutil.wait_procs(actors, timeout=120)  # what the dead actors committed is counted before the next kill
+    wait_for_commits(process, output, committed(output) + 4)
+    kill(scorer_actors(process))
     finish(process)
     for directory in ("scores", "traces", "ranked"):
         assert pair_keys(read_dir(output / directory)) == pair_keys(pairs), directory

@@ -356,18 +356,6 @@ def test_failed_job_exits_non_zero_with_its_status(ray_head, tmp_path):
     assert "FAILED" in result.stderr and "no-such-input" in result.stdout + result.stderr
 
 
-def test_run_joins_the_authenticated_head(submitted, ray_head, client_home, tmp_path):
-    """`run --ray-address` with the token in ~/.ray/auth_token and RAY_AUTH_MODE unset."""
-    write_shards(candidate_lists(2, 3, seed=11), tmp_path / "pairs", 2)
-    result = invoke(
-        client_env(with_token_file(client_home, ray_head.token)), "run", "--ray-address", ray_head.gcs,
-        "--input", str(tmp_path / "pairs"), "--output", str(tmp_path / "output"), *tiny_run_options(),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    manifest = json.loads((tmp_path / "output" / "_manifest.json").read_text())
-    assert manifest["counts"]["input"] == 6 and manifest["counts"]["scored"] == 6
-
-
 def test_run_without_a_token_says_what_to_set(ray_head, tmp_path):
     write_shards(candidate_lists(1, 2, seed=11), tmp_path / "pairs", 1)
     result = invoke(client_env(tmp_path), "run", "--ray-address", ray_head.gcs, "--input", str(tmp_path / "pairs"),
@@ -408,11 +396,12 @@ time.sleep(3600)
 """
 
 
-def test_a_lost_node_loses_no_pair(submitted, ray_head, tmp_path):
+def test_a_lost_node_loses_no_pair(submitted, ray_head, client_home, tmp_path):
     """A worker node is lost, every process of it at once, while its engine scores: Ray restarts
     the engine actor on the head and retries its batches, and the run finishes with every pair
-    exactly once. On a token-authenticated cluster, as every test here."""
-    env = client_env(tmp_path, RAY_AUTH_TOKEN=ray_head.token)
+    exactly once. On a token-authenticated cluster, as every test here: `run --ray-address` joins
+    it with the token in ~/.ray/auth_token and RAY_AUTH_MODE unset."""
+    env = client_env(with_token_file(client_home, ray_head.token))
     worker, temp_dir = start_node({}, WORKER_NODE_WORKER_PORTS, ray_head.token, "--address", ray_head.gcs)
     holder = run = None
     try:
@@ -442,6 +431,8 @@ def test_a_lost_node_loses_no_pair(submitted, ray_head, tmp_path):
         assert run.returncode == 0, out.decode()[-3000:]
         for directory in ("scores", "traces", "ranked"):
             assert pair_keys(read_dir(output / directory)) == pair_keys(pairs), directory
+        counts = json.loads((output / "_manifest.json").read_text())["counts"]
+        assert counts["input"] == counts["scored"] == pairs.num_rows
     finally:
         for process in (run, holder):
             if process is not None and process.poll() is None:
