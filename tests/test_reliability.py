@@ -221,8 +221,10 @@ def test_an_engine_then_its_actor_killed_mid_batch_are_replaced(tmp_path):
     pairs = candidate_lists(queries=4, per_query=12, seed=41)
     write_shards(pairs, tmp_path / "input", shards=2)
     output = tmp_path / "output"
-    # The CPU build's own layout, its worker in a process of its own: all of it is killed.
-    process = start_run(tmp_path / "input", output, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    # The CPU build's own layout, its worker in a process of its own: all of it is killed. One batch
+    # at a time, so that the replacement commits its batches one by one and has some left to lose.
+    process = start_run(tmp_path / "input", output, max_concurrent_batches=1,
+                        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     wait_for_commits(process, output, 4)
     actors = scorer_actors(process)
     engines = [engine_process for actor in actors for engine_process in actor.children(recursive=True)]
