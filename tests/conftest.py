@@ -28,10 +28,19 @@ ROOT = Path(__file__).resolve().parent.parent
 REAL_COMPONENTS = {"ray_session", "scorer", "cross_encoder", "s3_endpoint"}
 # Module fixtures that start Ray or a run in processes of their own.
 OWN_PROCESSES = {"finished_demo", "ray_head"}
+# Session fixtures that each start a blocking engine, about half a minute of a worker's CPU: the
+# modules that use one share a pytest-xdist group, so that only one worker starts it.
+SESSION_ENGINES = ("scorer", "cross_encoder")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
+    # A module's group: the first session engine any of its tests uses, else the module itself.
+    engine_of: dict[str, str] = {}
+    for item in items:
+        used = [engine for engine in SESSION_ENGINES if engine in item.fixturenames]
+        if used:
+            engine_of.setdefault(item.module.__name__, used[0])
     for item in items:
         fixtures = set(item.fixturenames)
         if OWN_PROCESSES & fixtures:
@@ -42,7 +51,8 @@ def pytest_collection_modifyitems(items):
         # worker, and so build its module fixtures once; a test that runs processes of its own and
         # shares no fixture with its module goes to whichever worker is free.
         alone = item.get_closest_marker("own_processes") and not OWN_PROCESSES & fixtures
-        item.add_marker(pytest.mark.xdist_group(item.nodeid if alone else item.module.__name__))
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(item.nodeid if alone else engine_of.get(module, module)))
     # Groups are handed out in the order of their first test, longest work first, so that the
     # workers finish together rather than one running a kill-and-restart test alone at the end:
     # the lone tests (kills and restarts of whole runs), then modules that start Ray or runs of

@@ -144,8 +144,10 @@ def test_s3_to_s3(ray_session, s3_endpoint, tmp_path, capfd):
     write_shards(pairs, tmp_path / "input", shards=2)
     for shard in sorted((tmp_path / "input").iterdir()):
         s3.upload_file(str(shard), "pairs", f"in/{shard.name}")
-    job = tiny_job(input=["s3://pairs/in/"], output="s3://pairs/out", s3_endpoint_url=s3_endpoint)
+    job = tiny_job(input=["s3://pairs/in/"], output="s3://pairs/out", store="s3://pairs/store",
+                   s3_endpoint_url=s3_endpoint, batch_size=4)
     manifest = run(job, show_progress=False)
+    assert manifest["store"]["misses"] == pairs.num_rows
 
     keys = [item["Key"] for item in s3.list_objects_v2(Bucket="pairs", Prefix="out/")["Contents"]]
     assert "out/_manifest.json" in keys and "out/run.trec" in keys
@@ -158,15 +160,21 @@ def test_s3_to_s3(ray_session, s3_endpoint, tmp_path, capfd):
     assert manifest["counts"]["scored"] == pairs.num_rows
     assert json.loads(s3.get_object(Bucket="pairs", Key="out/_manifest.json")["Body"].read()) == manifest
 
-    # A resume on S3 finds its shards' done keys: only a lost batch is scored again.
+    # A resume on S3 finds its shards' done keys: only a lost batch is judged again, and the score
+    # store on S3 gives its judgements back, so no engine starts.
     lost = next(k for k in keys if k.startswith("out/scores/"))
     lost_pairs = pq.read_table(pa.BufferReader(s3.get_object(Bucket="pairs", Key=lost)["Body"].read())).num_rows
+    assert lost_pairs < pairs.num_rows
     s3.delete_object(Bucket="pairs", Key=lost)
     resumed = run(job, show_progress=False)
-    assert (resumed["scored_this_run"], resumed["counts"]["scored"]) == (lost_pairs, pairs.num_rows)
-    keys = [item["Key"] for item in s3.list_objects_v2(Bucket="pairs", Prefix="out/")["Contents"]]
+    assert resumed["counts"]["scored"] == pairs.num_rows
+    # the output's reused judgements, and those of the engine in the first run
+    assert (resumed["store"]["hits"], resumed["store"]["misses"]) == (lost_pairs, pairs.num_rows - lost_pairs)
+    assert (resumed["scored_this_run"], resumed["engine"]["starts"]) == (0, 0)  # what the store gives is not scored
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket="pairs")["Contents"]]
+    assert any(key.startswith("store/") for key in keys)
 
-    # The credentials appear nowhere: not in any object written, the output, or the logs.
+    # The credentials appear nowhere: not in any object written (the output's, the store's), or the logs.
     secret = S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"].encode()
     key_id = S3_TEST_ENV["AWS_ACCESS_KEY_ID"].encode()
     for key in keys:

@@ -161,56 +161,48 @@ def kill(processes: list[psutil.Process]) -> None:
 
 
 @pytest.mark.own_processes
-def test_driver_killed_at_several_points_then_resumed_storing_each_pair_once(tmp_path):
-    """Killed before anything is scored, then with some batches committed, then while ranking;
-    each run adds its judgements to a score store, which ends with each pair once."""
+def test_driver_killed_or_stopped_at_several_points_then_resumed_storing_each_pair_once(tmp_path):
+    """Killed before anything is scored; then stopped by SIGTERM, as pre-emption does: no batch
+    starts after it, the ones the engine holds are committed within the grace period, the output is
+    released and the run exits non-zero; then killed with more batches committed, and while ranking.
+    Each run adds its judgements to a score store, which ends with each pair once."""
     pairs = candidate_lists(queries=4, per_query=12, seed=31)
     write_shards(pairs, tmp_path / "input", shards=3)
     output, store = tmp_path / "output", tmp_path / "store"
 
     assert kill_when(start_run(tmp_path / "input", output, store=store), lambda: (output / "_job.json").exists())
     assert not (output / "_manifest.json").exists()
-    assert kill_when(start_run(tmp_path / "input", output, store=store), lambda: committed(output) >= 8)
+
+    stopped = start_run(tmp_path / "input", output, store=store, max_concurrent_batches=2, grace_period=120)
+    wait_for_commits(stopped, output, 4)
+    stopped.send_signal(signal.SIGTERM)  # the driver alone, as `ray job stop` or a pod's eviction does
+    out, _ = stopped.communicate(timeout=300)
+    assert stopped.returncode != 0, out.decode()[-3000:]
+    assert "stopped by SIGTERM after" in out.decode() and "every batch in flight was committed" in out.decode()
+    done_when_stopped = committed(output)
+    assert 4 <= done_when_stopped < pairs.num_rows
+    # each batch that started was committed whole: no trace without its scores
+    names = {directory: {p.name for p in (output / directory).glob("part-*.parquet")} for directory in ("scores", "traces")}
+    assert names["traces"] == names["scores"]
+    assert not (output / "_lease.json").exists() and not (output / "_manifest.json").exists()
+
+    assert kill_when(start_run(tmp_path / "input", output, store=store),
+                     lambda: committed(output) >= done_when_stopped + 4)
     done_before = committed(output)
     assert not (output / "_manifest.json").exists()
     kill_when(start_run(tmp_path / "input", output, store=store), lambda: (output / "ranked").exists())
-
     finish(start_run(tmp_path / "input", output, batch_size=16, store=store))
     manifest = json.loads((output / "_manifest.json").read_text())
     for directory in ("scores", "traces", "ranked"):
         table = read_dir(output / directory)
         assert pair_keys(table) == pair_keys(pairs), directory  # every pair exactly once
     assert manifest["counts"]["scored"] == pairs.num_rows
-    assert done_before >= 8  # committed work survived the kills and was not redone
+    assert done_before >= done_when_stopped + 4  # committed work survived the kills and was not redone
     assert not list(output.rglob(".*.tmp"))  # no half-written file is left where readers look
     stats = ScoreStore.open(str(store)).stats()
     # Pairs committed before a kill were stored first, so a resume neither scores nor stores them again.
     assert (stats["rows"], stats["duplicate_rows"]) == (pairs.num_rows, 0)
     assert not [writer for writer in stats["writers"] if writer["live"]]  # the killed runs' records are seen as dead
-
-
-@pytest.mark.own_processes
-def test_sigterm_drains_the_batches_in_flight_then_a_rerun_finishes(tmp_path):
-    """Pre-emption: after SIGTERM no batch starts, the ones the engine holds are committed within
-    the grace period, the output is released and the run exits non-zero; a re-run does the rest."""
-    pairs = candidate_lists(queries=8, per_query=8, seed=43)
-    write_shards(pairs, tmp_path / "input", shards=2)
-    output = tmp_path / "output"
-    process = start_run(tmp_path / "input", output, max_concurrent_batches=2, grace_period=120)
-    wait_for_commits(process, output, 4)
-    process.send_signal(signal.SIGTERM)  # the driver alone, as `ray job stop` or a pod's eviction does
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode != 0, out.decode()[-3000:]
-    assert "stopped by SIGTERM after" in out.decode() and "every batch in flight was committed" in out.decode()
-    assert 4 <= committed(output) < pairs.num_rows
-    # each batch that started was committed whole: no trace without its scores
-    names = {directory: {p.name for p in (output / directory).glob("part-*.parquet")} for directory in ("scores", "traces")}
-    assert names["traces"] == names["scores"]
-    assert not (output / "_lease.json").exists() and not (output / "_manifest.json").exists()
-
-    finish(start_run(tmp_path / "input", output, batch_size=32))
-    for directory in ("scores", "traces"):
-        assert pair_keys(read_dir(output / directory)) == pair_keys(pairs), directory
 
 
 @pytest.mark.own_processes

@@ -84,14 +84,3 @@ def test_another_reasoning_budget_reuses_nothing(nights, tmp_path):
     _, manifest = night(tmp_path, "budget", pairs, store, max_reasoning_tokens=48)
     assert manifest["store"]["hits"] == 0 and manifest["store"]["misses"] == pairs.num_rows
 
-
-def test_a_store_on_s3(ray_session, s3_endpoint, tmp_path):
-    import s3fs
-
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("store-bucket")
-    pairs = candidate_lists(queries=1, per_query=3, seed=8)
-    store = "s3://store-bucket/scores"
-    _, first = night(tmp_path, "one", pairs, store, s3_endpoint_url=s3_endpoint)
-    scores, again = night(tmp_path, "two", pairs, store, s3_endpoint_url=s3_endpoint)
-    assert first["store"]["misses"] == again["store"]["hits"] == pairs.num_rows
-    assert again["engine"]["starts"] == 0
