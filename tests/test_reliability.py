@@ -137,9 +137,14 @@ def finish(process: subprocess.Popen) -> str:
 
 
 def wait_for_commits(process: subprocess.Popen, output: Path, pairs: int) -> None:
+    """Until `pairs` pairs are committed; a run that ends first is shown with how it ended, as a run
+    that failed and one that finished too soon call for different mends."""
     deadline = time.monotonic() + 300
     while committed(output) < pairs:
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the kill point"
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (exit {process.returncode}) with {committed(output)} of {pairs} pairs "
+                        f"committed:\n{process.communicate()[0].decode()[-3000:]}")
+        assert time.monotonic() < deadline, f"{committed(output)} of {pairs} pairs committed after 300 s"
         time.sleep(0.1)
 
 
