@@ -111,18 +111,23 @@ def start_run(input_dir: Path, output: Path, batch_size: int = 4, env: dict | No
                             env=None if env is None else {**os.environ, **env})
 
 
-def kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> bool:
-    """SIGKILL the driver (and the local Ray it started, as a lost machine would) once `ready()`;
-    False if the run finished first."""
-    deadline = time.monotonic() + timeout
+def wait_for(process: subprocess.Popen, ready, what: str) -> None:
+    """Until `ready()`; a run that ends first is shown with its exit status and output, as a run
+    that failed and one that finished too soon call for different mends."""
+    deadline = time.monotonic() + 300
     while not ready():
         if process.poll() is not None:
-            return False
-        assert time.monotonic() < deadline, "the run never reached the kill point"
+            pytest.fail(f"the run ended (exit {process.returncode}) before {what}:\n"
+                        f"{process.communicate()[0].decode()[-3000:]}")
+        assert time.monotonic() < deadline, f"not {what} after 300 s"
         time.sleep(0.1)
+
+
+def kill_when(process: subprocess.Popen, ready, what: str) -> None:
+    """SIGKILL the driver (and the local Ray it started, as a lost machine would) once `ready()`."""
+    wait_for(process, ready, what)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    return True
 
 
 def committed(output: Path, directory: str = "scores") -> int:
@@ -137,15 +142,7 @@ def finish(process: subprocess.Popen) -> str:
 
 
 def wait_for_commits(process: subprocess.Popen, output: Path, pairs: int) -> None:
-    """Until `pairs` pairs are committed; a run that ends first is shown with how it ended, as a run
-    that failed and one that finished too soon call for different mends."""
-    deadline = time.monotonic() + 300
-    while committed(output) < pairs:
-        if process.poll() is not None:
-            pytest.fail(f"the run ended (exit {process.returncode}) with {committed(output)} of {pairs} pairs "
-                        f"committed:\n{process.communicate()[0].decode()[-3000:]}")
-        assert time.monotonic() < deadline, f"{committed(output)} of {pairs} pairs committed after 300 s"
-        time.sleep(0.1)
+    wait_for(process, lambda: committed(output) >= pairs, f"{pairs} pairs were committed")
 
 
 def scorer_actors(process: subprocess.Popen) -> list[psutil.Process]:
@@ -167,16 +164,21 @@ def kill(processes: list[psutil.Process]) -> None:
 
 @pytest.mark.own_processes
 def test_driver_killed_or_stopped_at_several_points_then_resumed_storing_each_pair_once(tmp_path):
-    """Killed before anything is scored; then stopped by SIGTERM, as pre-emption does: no batch
+    """Stopped by SIGTERM before anything is scored: the run stops at once, releases the output
+    and exits non-zero. Then stopped by SIGTERM while scoring, as pre-emption does: no batch
     starts after it, the ones the engine holds are committed within the grace period, the output is
-    released and the run exits non-zero; then killed with more batches committed, and while ranking.
+    released and the run exits non-zero. Then killed with more batches committed, and while ranking.
     Each run adds its judgements to a score store, which ends with each pair once."""
     pairs = candidate_lists(queries=4, per_query=12, seed=31)
     write_shards(pairs, tmp_path / "input", shards=3)
     output, store = tmp_path / "output", tmp_path / "store"
 
-    assert kill_when(start_run(tmp_path / "input", output, store=store), lambda: (output / "_job.json").exists())
-    assert not (output / "_manifest.json").exists()
+    early = start_run(tmp_path / "input", output, store=store)
+    wait_for(early, lambda: (output / "_job.json").exists(), "the output was claimed")
+    early.send_signal(signal.SIGTERM)
+    out, _ = early.communicate(timeout=120)
+    assert early.returncode != 0, out.decode()[-3000:]
+    assert not (output / "_lease.json").exists() and not (output / "_manifest.json").exists()
 
     stopped = start_run(tmp_path / "input", output, store=store, max_concurrent_batches=2, grace_period=120)
     wait_for_commits(stopped, output, 4)
@@ -191,11 +193,11 @@ def test_driver_killed_or_stopped_at_several_points_then_resumed_storing_each_pa
     assert names["traces"] == names["scores"]
     assert not (output / "_lease.json").exists() and not (output / "_manifest.json").exists()
 
-    assert kill_when(start_run(tmp_path / "input", output, store=store),
-                     lambda: committed(output) >= done_when_stopped + 4)
+    kill_when(start_run(tmp_path / "input", output, store=store), lambda: committed(output) >= done_when_stopped + 4,
+              "more pairs were committed")
     done_before = committed(output)
     assert not (output / "_manifest.json").exists()
-    kill_when(start_run(tmp_path / "input", output, store=store), lambda: (output / "ranked").exists())
+    kill_when(start_run(tmp_path / "input", output, store=store), lambda: (output / "ranked").exists(), "ranking")
     finish(start_run(tmp_path / "input", output, batch_size=16, store=store))
     manifest = json.loads((output / "_manifest.json").read_text())
     for directory in ("scores", "traces", "ranked"):

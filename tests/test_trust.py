@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -279,19 +278,3 @@ def test_a_run_whose_output_is_taken_over_stops_writing_and_leaves_the_successor
     assert not [path.name for path in committed if path.stat().st_mtime > taken[0] + 4]
     assert not (output / "_manifest.json").exists() and not (output / "ranked").exists()
     assert json.loads((output / "_lease.json").read_text())["run_id"] == "next0run"
-
-
-@pytest.mark.own_processes
-def test_sigterm_releases_the_output(tmp_path):
-    write_shards(candidate_lists(queries=2, per_query=4, seed=9), tmp_path / "input", shards=1)
-    output = tmp_path / "out"
-    process = subprocess.Popen([CLI, "run", "--input", str(tmp_path / "input"), "--output", str(output),
-                                *tiny_run_options()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while not (output / "_lease.json").exists():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    assert process.returncode != 0
-    assert not (output / "_lease.json").exists()

@@ -189,7 +189,7 @@ def committed_batches(pairs, job: JobConfig, output: Output, done: Done, duplica
     prompts = pairs.map_batches(
         stages.build_prompts,
         fn_kwargs={"job": job, "output": output, "done": done, "duplicates": duplicates, "reuse": reuse,
-                   "gate": gate, "first_stage": first_stage},
+                   "gate": gate, "first_stage": first_stage, "encoder": stages.scorer_of(job)[1]},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=PREPARE_CPUS,

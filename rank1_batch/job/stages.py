@@ -80,24 +80,26 @@ log = logging.getLogger(__name__)
 _scorers: dict[str, tuple[ScorerKind, object]] = {}
 
 
-def scorer_of(job: JobConfig) -> tuple[ScorerKind, object]:
+def scorer_of(job: JobConfig, encoder=None) -> tuple[ScorerKind, object]:
     """The job's kind of scorer and its pair encoder, once per worker process and configuration:
-    loading a tokenizer costs more than a batch."""
+    loading a tokenizer costs more than a batch. A worker given the driver's `encoder` keeps it
+    rather than loading one: unpickled, it imports only its tokenizer's own class, not the
+    transformers auto classes that take seconds of a fresh worker's CPU, and needs no model files."""
     key = json.dumps([asdict(job.engine), asdict(job.scoring)], sort_keys=True)
     if key not in _scorers:
         kind = scorer_kind(job.engine, job.scoring)
-        _scorers[key] = kind, kind.encoder()
+        _scorers[key] = kind, kind.encoder() if encoder is None else encoder
     return _scorers[key]
 
 
 def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, duplicates: pa.Table | None,
-                  reuse: Reuse | None, gate=None, first_stage: pa.Table | None = None) -> pa.Table:
+                  reuse: Reuse | None, gate=None, first_stage: pa.Table | None = None, encoder=None) -> pa.Table:
     """Skip work already done, validate rows, keep the top k, build each prompt, and commit the
     pairs whose judgement is in the score store. A cascade's `first_stage` (the cross-encoder's
     ranking) replaces the input's first-stage rank and score, so the top k are of its order. Rows
     set aside (rejected, beyond the top k, or reused) are written here, while the run holds its
     output (asked of the `gate`), and pass on without a prompt, so the progress display can count
-    them."""
+    them. `encoder` is the driver's (see `scorer_of`)."""
     pairs = to_contract(batch, job.run.columns)
     if first_stage is not None:
         pairs = with_first_stage(pairs, first_stage)
@@ -108,7 +110,7 @@ def build_prompts(batch: pa.Table, job: JobConfig, output: Output, done: Done, d
     reranked = top_k_mask(pairs["first_stage_rank"], job.run.top_k)
     tail, pairs = pairs.filter(pc.invert(reranked)), pairs.filter(reranked)
 
-    encoded, too_long = _encode(scorer_of(job)[1], pairs)
+    encoded, too_long = _encode(scorer_of(job, encoder)[1], pairs)
     pairs = pairs.set_column(pairs.column_names.index(REASON), REASON, too_long)
     fits = pc.is_null(too_long)
     rejects = pa.concat_tables([rejects, pairs.filter(pc.invert(fits))])
