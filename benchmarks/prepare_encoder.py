@@ -56,10 +56,11 @@ def main(model: str, scorer: str, rounds: int) -> None:
         for _ in range(rounds):
             for way, taken in seconds.items():
                 taken.append(worker_seconds(json.dumps(options), way, shipped))
-    loaded, unpickled = (statistics.median(seconds[way]) for way in ("loaded", "unpickled"))
+    median = {way: statistics.median(taken) for way, taken in seconds.items()}
     for way, taken in seconds.items():
-        print(f"{way:>9}: median {statistics.median(taken):.2f} CPU-s  ({', '.join(f'{t:.2f}' for t in taken)})")
-    print(f"unpickled / loaded: {unpickled / loaded:.2f}; {loaded - unpickled:.2f} CPU-s saved per fresh worker")
+        print(f"{way:>9}: median {median[way]:.2f} CPU-s  ({', '.join(f'{t:.2f}' for t in taken)})")
+    print(f"unpickled / loaded: {median['unpickled'] / median['loaded']:.2f}; "
+          f"{median['loaded'] - median['unpickled']:.2f} CPU-s saved per fresh worker")
 
 
 if __name__ == "__main__":

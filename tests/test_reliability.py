@@ -145,6 +145,15 @@ def wait_for_commits(process: subprocess.Popen, output: Path, pairs: int) -> Non
     wait_for(process, lambda: committed(output) >= pairs, f"{pairs} pairs were committed")
 
 
+def stop(process: subprocess.Popen, timeout: float) -> str:
+    """SIGTERM to the driver alone, as `ray job stop` or a pod's eviction does; its output, once it
+    has exited non-zero."""
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode != 0, out.decode()[-3000:]
+    return out.decode()
+
+
 def scorer_actors(process: subprocess.Popen) -> list[psutil.Process]:
     """This run's engine actors' processes (other tests may run beside it)."""
     actors = [p for p in psutil.Process(process.pid).children(recursive=True)
@@ -175,17 +184,13 @@ def test_driver_killed_or_stopped_at_several_points_then_resumed_storing_each_pa
 
     early = start_run(tmp_path / "input", output, store=store)
     wait_for(early, lambda: (output / "_job.json").exists(), "the output was claimed")
-    early.send_signal(signal.SIGTERM)
-    out, _ = early.communicate(timeout=120)
-    assert early.returncode != 0, out.decode()[-3000:]
+    stop(early, timeout=120)
     assert not (output / "_lease.json").exists() and not (output / "_manifest.json").exists()
 
     stopped = start_run(tmp_path / "input", output, store=store, max_concurrent_batches=2, grace_period=120)
     wait_for_commits(stopped, output, 4)
-    stopped.send_signal(signal.SIGTERM)  # the driver alone, as `ray job stop` or a pod's eviction does
-    out, _ = stopped.communicate(timeout=300)
-    assert stopped.returncode != 0, out.decode()[-3000:]
-    assert "stopped by SIGTERM after" in out.decode() and "every batch in flight was committed" in out.decode()
+    out = stop(stopped, timeout=300)
+    assert "stopped by SIGTERM after" in out and "every batch in flight was committed" in out
     done_when_stopped = committed(output)
     assert 4 <= done_when_stopped < pairs.num_rows
     # each batch that started was committed whole: no trace without its scores
