@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 
 from rank1_batch.config import TINY_CROSS_ENCODER_DIR, EngineConfig, job_logging
 from rank1_batch.ir.prepare import from_rankllm
-from rank1_batch.ir.ranking import rank
 from rank1_batch.model.cross_encoder import CrossEncoderScorer
 from rank1_batch.model.scorer import Rank1Scorer
+from rank1_batch.run.ranking import rank
 
 log = logging.getLogger("rank1_batch.benchmarks.cascade")
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from rank1_batch.config import JobConfig
 from rank1_batch.ir.agreement import grades
-from rank1_batch.job.checkpoint import identity
+from rank1_batch.output.checkpoint import identity
 from rank1_batch.schema import SCORES_SCHEMA, TRACES_SCHEMA, conform
 
 VOCABULARY = [f"w{number}" for number in range(5000)]

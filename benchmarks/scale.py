@@ -48,17 +48,15 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from concurrent.futures import ProcessPoolExecutor
-
 import click
-
 import slow_s3
 
-# The driver's phases: the functions of rank1_batch.job.pipeline whose calls make each, looked up
+# The driver's phases: the functions of rank1_batch.run.pipeline whose calls make each, looked up
 # there by name (the pipeline's names change: keep them here, in one place).
 PHASES = {
     "inspect": ("inspect_inputs", "index_inputs", "find_duplicates"),
@@ -68,7 +66,7 @@ PHASES = {
     "manifest": ("write_manifest",),
 }
 RUN = "run"  # the pipeline's whole run, the total
-# Stages inside `stream` that the Ray workers run, by name in rank1_batch.job.stages.
+# Stages inside `stream` that the Ray workers run, by name in rank1_batch.run.stages.
 WORKER_STAGES = {"prepare": "build_prompts", "commit": "write_results"}
 
 HERE = Path(__file__).resolve().parent
@@ -133,7 +131,8 @@ def timed_stage(stage: str, function):
 def install_stand_ins() -> None:
     """Ray's worker_process_setup_hook: the stand-in engine, no vLLM metrics, timed worker stages.
     The driver installs them too, so that a function pickled by reference resolves alike."""
-    from rank1_batch.job import stages
+    from rank1_batch.run import stages
+
     from rank1_batch.model import engine
 
     engine.AsyncRank1Engine = StandInEngine
@@ -166,7 +165,8 @@ def attribute_owner(module, name: str):
 
 def check_names() -> None:
     """Every name the benchmark times or replaces is there, before any run starts."""
-    from rank1_batch.job import pipeline, stages
+    from rank1_batch.run import pipeline, stages
+
     from rank1_batch.model import engine
 
     for entry in [RUN, *(entry for entries in PHASES.values() for entry in entries)]:
@@ -263,7 +263,7 @@ class Meter:
         return measured
 
     def install(self) -> None:
-        from rank1_batch.job import pipeline
+        from rank1_batch.run import pipeline
 
         for phase, entries in PHASES.items():
             for entry in entries:
@@ -271,7 +271,7 @@ class Meter:
                 setattr(owner, name, self.timed(phase, getattr(owner, name)))
 
     def run(self, job, timings: Path) -> dict:
-        from rank1_batch.job import pipeline
+        from rank1_batch.run import pipeline
 
         self.calls = []
         with self.phase("total"):
@@ -406,8 +406,8 @@ def write_committed(job, input_dir: Path, batch_size: int) -> float:
     """The output a first run leaves, written without the run: the output opened for the job,
     then each input shard's batches committed through the run's commit, a process per core.
     Returns the seconds it took."""
-    from rank1_batch.job.checkpoint import open_output, with_fit_settled
-    from rank1_batch.job.storage import Output
+    from rank1_batch.output.checkpoint import open_output, with_fit_settled
+    from rank1_batch.output.storage import Output
 
     started = time.perf_counter()
     output = Output(job.run.output, job.run)
@@ -423,10 +423,10 @@ def commit_shard(job, batch_size: int, shard: Path) -> None:
     """A shard's pairs committed in batches of `batch_size`, each scored with the stand-in's
     generation and written by `stages.write_results`, as a run's engine actor writes it."""
     import pyarrow.parquet as pq
+    from rank1_batch.run import stages
 
-    from rank1_batch.job import stages
-    from rank1_batch.job.storage import Output, content_name
     from rank1_batch.model.encoding import EncodedPrompt
+    from rank1_batch.output.storage import Output, content_name
     from rank1_batch.schema import conform, to_contract
 
     output = Output(job.run.output, job.run)

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import click
 
+from .cli_options import engine_options, job_config, run_options
+from .cluster.submit import logs_command, status_command, stop_command, submit_command
 from .config import JobConfig, JobError, job_logging
-from .model.encoding import ContextTooShort
 from .ir.evaluate import eval_command
 from .ir.export import export_command
 from .ir.labels import agreement_command, calibrate_command
-from .options import engine_options, job_config, run_options
 from .ir.prepare import prepare_command
 from .ir.report import report_command
+from .model.encoding import ContextTooShort
+from .run.stages import EngineStartError
 from .schema import InputError
-from .job.stages import EngineStartError
-from .job.store_commands import store_group
-from .cluster.submit import logs_command, status_command, stop_command, submit_command
+from .store.commands import store_group
 
 SAMPLE = Path(__file__).parent / "assets" / "sample"
 # Errors whose own message says what is wrong and where.
@@ -52,7 +52,7 @@ def run(config_path, **given):
 
 def run_and_report(job: JobConfig) -> None:
     """Run the job, print its summary, and exit non-zero when too many pairs failed."""
-    from .job.pipeline import run as run_job
+    from .run.pipeline import run as run_job
 
     for warning in job.ineffective_options():
         log.warning(warning)
@@ -159,9 +159,9 @@ def demo(output):
 def trec_run_command(output, tag, target):
     """Write the TREC run of a finished run's ranked/ (also written as run.trec by `run`)."""
     from .config import RunConfig
-    from .job.outputs import TREC_SCORE, trec_lines, trec_scores
+    from .output.outputs import TREC_SCORE, trec_lines, trec_scores
+    from .output.storage import Output
     from .schema import RANKED_SCHEMA
-    from .job.storage import Output
 
     ranked = Output(output, RunConfig()).read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA)
     if not ranked.num_rows:

@@ -7,11 +7,11 @@ from unittest import mock
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rank1_batch.output import outputs
 
 from rank1_batch.config import JobConfig, RunConfig
-from rank1_batch.job import outputs
-from rank1_batch.job.outputs import RANKING_COLUMNS, commit_record, read_committed, write_ranked_outputs
-from rank1_batch.job.storage import Output
+from rank1_batch.output.outputs import RANKING_COLUMNS, commit_record, read_committed, write_ranked_outputs
+from rank1_batch.output.storage import Output
 from rank1_batch.schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, conform
 
 

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from rank1_batch.cli import main
-from rank1_batch.job.checkpoint import done_in, open_output
-from rank1_batch.job.compaction import COMPACTED_PREFIX, compacted_name, groups, merge
-from rank1_batch.job.key_index import KEY_SCHEMA, InputKeys
-from rank1_batch.job.outputs import commit_record
-from rank1_batch.job.storage import Output
+from rank1_batch.output.checkpoint import done_in, open_output
+from rank1_batch.output.compaction import COMPACTED_PREFIX, compacted_name, groups, merge
+from rank1_batch.output.key_index import KEY_SCHEMA, InputKeys
+from rank1_batch.output.outputs import commit_record
+from rank1_batch.output.storage import Output
 from rank1_batch.schema import SCORES_SCHEMA, TRACES_SCHEMA
 
 from .conftest import candidate_lists, pair_keys, read_dir, tiny_job, tiny_run_options, write_shards

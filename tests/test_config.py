@@ -3,7 +3,7 @@ from pathlib import Path
 import click
 import pytest
 
-from rank1_batch.options import job_config
+from rank1_batch.cli_options import job_config
 from rank1_batch.config import TINY_MODEL_DIR, EngineConfig, JobConfig, ScoringConfig, load_options
 from rank1_batch.model.encoding import FORCED_PASS_ROOM, ContextTooShort, PromptEncoder, PromptTooLong, context_length
 

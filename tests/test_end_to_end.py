@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from click.testing import CliRunner
 
 from rank1_batch.cli import main
-from rank1_batch.job.pipeline import run
+from rank1_batch.run.pipeline import run
 
 from .conftest import candidate_lists, read_dir, tiny_job
 

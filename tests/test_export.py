@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from rank1_batch.cli import main
 from rank1_batch.config import EngineConfig, JobConfig, ScoringConfig
-from rank1_batch.job.checkpoint import identity
 from rank1_batch.model.encoding import PromptEncoder
+from rank1_batch.output.checkpoint import identity
 from rank1_batch.schema import SCORES_SCHEMA, TRACES_SCHEMA, conform
 
 TEMPLATE = "Find passages about: FILL_QUERY_HERE"

@@ -9,10 +9,10 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rank1_batch.output import key_index
 
 from rank1_batch.config import RunConfig
-from rank1_batch.job import key_index
-from rank1_batch.job.key_index import (
+from rank1_batch.output.key_index import (
     KEY_SCHEMA,
     Partitioned,
     index_done,
@@ -21,7 +21,7 @@ from rank1_batch.job.key_index import (
     query_buckets,
     repeated,
 )
-from rank1_batch.job.storage import Output, Shard
+from rank1_batch.output.storage import Output, Shard
 
 
 def keys(pairs: list[tuple[str, str]]) -> pa.Table:

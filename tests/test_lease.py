@@ -12,8 +12,8 @@ import boto3
 import pytest
 
 from rank1_batch.config import RunConfig
-from rank1_batch.job.lease import LEASE_FILE, Heartbeat, Lease, LeaseWatch, OutputInUse, new_holder, read_holder
-from rank1_batch.job.storage import ABSENT, Changed, Output
+from rank1_batch.output.lease import LEASE_FILE, Heartbeat, Lease, LeaseWatch, OutputInUse, new_holder, read_holder
+from rank1_batch.output.storage import ABSENT, Changed, Output
 
 
 def elsewhere(run_id: str, heartbeat_age: float = 0.0):

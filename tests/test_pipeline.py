@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from rank1_batch.config import JobConfig
-from rank1_batch.job.pipeline import FOOTER_READERS, footer_readers_for, run
-from rank1_batch.job.stages import scorer_of
-from rank1_batch.schema import InputError, RANKED_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA
 from rank1_batch.model.scorer import Pair
+from rank1_batch.run.pipeline import FOOTER_READERS, footer_readers_for, run
+from rank1_batch.run.stages import scorer_of
+from rank1_batch.schema import RANKED_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA, InputError
 
 from .conftest import S3_TEST_ENV, candidate_lists, pair_keys, read_dir, tiny_job, write_shards
+
 
 def check_ranked(ranked: pa.Table, scores: pa.Table) -> None:
     """Ranks are 1..n per query, in score order, then first-stage rank, then doc_id."""

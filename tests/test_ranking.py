@@ -1,6 +1,6 @@
 import pyarrow as pa
 
-from rank1_batch.ir.ranking import rank, top_k_mask
+from rank1_batch.run.ranking import rank, top_k_mask
 
 
 def table(rows):

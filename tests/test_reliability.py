@@ -17,11 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from rank1_batch.job.checkpoint import ConfigurationChanged
-from rank1_batch.job.engine_deaths import DEATHS_DIR
-from rank1_batch.job.score_store import ScoreStore
-from rank1_batch.job.pipeline import run
+from rank1_batch.output.checkpoint import ConfigurationChanged
+from rank1_batch.run.engine_deaths import DEATHS_DIR
+from rank1_batch.run.pipeline import run
 from rank1_batch.schema import InputError
+from rank1_batch.store.score_store import ScoreStore
 
 from .conftest import candidate_lists, command_line, pair_keys, read_dir, tiny_job, tiny_run_options, write_shards
 

@@ -8,11 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from rank1_batch.config import JobConfig, RunConfig
-from rank1_batch.job.outputs import ThisRun, read_committed, write_manifest
 from rank1_batch.ir.report import duration, integer_bins, movement, report_command
+from rank1_batch.output.outputs import ThisRun, read_committed, write_manifest
+from rank1_batch.output.storage import Output
+from rank1_batch.run.stages import UNSCORED_SCHEMA
 from rank1_batch.schema import INPUT_SCHEMA, RANKED_SCHEMA, REASON, SCORES_SCHEMA, TRACES_SCHEMA, conform
-from rank1_batch.job.stages import UNSCORED_SCHEMA
-from rank1_batch.job.storage import Output
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BUDGET = 4096

@@ -12,10 +12,10 @@ import pytest
 
 from rank1_batch.config import RunConfig
 from rank1_batch.model.encoding import PromptEncoder
+from rank1_batch.output.storage import Output, content_name
+from rank1_batch.run.engine_deaths import DEATHS_DIR, EngineDeaths
+from rank1_batch.run.stages import PROMPTS_SCHEMA, ScorePairs
 from rank1_batch.schema import ERRORS_SCHEMA
-from rank1_batch.job.engine_deaths import DEATHS_DIR, EngineDeaths
-from rank1_batch.job.stages import PROMPTS_SCHEMA, ScorePairs
-from rank1_batch.job.storage import Output, content_name
 
 from .conftest import tiny_job
 

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from rank1_batch.store import score_store
 
 from rank1_batch.cli import main
 from rank1_batch.config import TINY_MODEL_DIR, EngineConfig, JobConfig, RunConfig
-from rank1_batch.job import score_store
-from rank1_batch.job.lease import Holder
-from rank1_batch.job.score_store import (
+from rank1_batch.output.lease import Holder
+from rank1_batch.store.score_store import (
     STORE_SCHEMA,
     NotAScoreStore,
     ScoreStore,

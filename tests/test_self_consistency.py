@@ -10,14 +10,14 @@ import pyarrow as pa
 import pytest
 
 from rank1_batch.config import EngineConfig, RunConfig, ScoringConfig
-from rank1_batch.job.checkpoint import ConfigurationChanged, check_output, identity
-from rank1_batch.job.outputs import JOB_FILE
-from rank1_batch.job.pipeline import run
-from rank1_batch.job.storage import Output
 from rank1_batch.model.engine import sample_seeds
 from rank1_batch.model.judgement import consensus
 from rank1_batch.model.scorer import Pair
 from rank1_batch.model.scorer_kinds import Rank1Kind
+from rank1_batch.output.checkpoint import ConfigurationChanged, check_output, identity
+from rank1_batch.output.outputs import JOB_FILE
+from rank1_batch.output.storage import Output
+from rank1_batch.run.pipeline import run
 
 from .conftest import candidate_lists, pair_keys, read_dir, tiny_job, write_shards
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import boto3
 import pytest
+from rank1_batch.output import storage
 
 from rank1_batch.config import RunConfig
-from rank1_batch.job import storage
-from rank1_batch.job.storage import Output
+from rank1_batch.output.storage import Output
 
 
 @pytest.fixture(params=["local", "s3", "memory"])

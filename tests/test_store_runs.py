@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from rank1_batch.job.pipeline import run
-from rank1_batch.job.score_store import ScoreStore
+from rank1_batch.run.pipeline import run
+from rank1_batch.store.score_store import ScoreStore
 
 from .conftest import candidate_lists, pair_keys, read_dir, tiny_job, write_shards
 

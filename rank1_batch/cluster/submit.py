@@ -25,9 +25,9 @@ from contextlib import contextmanager
 import click
 import yaml
 
-from .connection import ClusterError, token_refused, use_auth_token
-from ..options import RUN_PARAMETERS, engine_options, job_config, run_options
+from ..cli_options import RUN_PARAMETERS, engine_options, job_config, run_options
 from ..config import JobConfig
+from .connection import ClusterError, token_refused, use_auth_token
 
 # Never uploaded with --working-dir: environments, VCS data and caches, not code.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info", "rank1-demo-*", "output"]

@@ -11,9 +11,9 @@ import click
 import numpy as np
 import pyarrow as pa
 
+from ..cli_options import s3_options
 from ..config import RunConfig
-from ..job.storage import Output, storage_options
-from ..options import s3_options
+from ..output.storage import Output, storage_options
 from ..schema import SCORES_SCHEMA
 from . import agreement as figures
 from .evaluate import Qrels, read_qrels, read_run

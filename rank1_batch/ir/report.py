@@ -24,13 +24,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
 from ..config import RunConfig
+from ..model.judgement import OUTCOMES
+from ..output.outputs import MANIFEST
+from ..output.storage import Output
+from ..schema import RANKED_SCHEMA, SCORES_SCHEMA
 from .agreement import Agreement, agreement, judged_pairs
 from .evaluate import DEFAULT_METRICS, evaluate, judged_queries, read_qrels, run_from_ranks
 from .labels import value_text
-from ..job.outputs import MANIFEST
-from ..schema import RANKED_SCHEMA, SCORES_SCHEMA
-from ..model.judgement import OUTCOMES
-from ..job.storage import Output
 
 REPORT_DIR = "report"
 REPORT = "report.md"

@@ -13,8 +13,8 @@ import threading
 from contextlib import contextmanager
 
 from ..config import JobError
-from .lease import LeaseWatch, OutputInUse
-from .storage import Output
+from ..output.lease import LeaseWatch, OutputInUse
+from ..output.storage import Output
 
 
 class Preempted(JobError):

@@ -21,18 +21,7 @@ from collections import Counter
 import pyarrow as pa
 from tqdm import tqdm
 
-from . import cascade, stages
-from .checkpoint import Done, check_output, done_in, open_output, with_fit_settled
-from .compaction import compact
 from ..cluster.connection import connect, is_own_cluster
-from ..config import JobConfig, JobError, RunConfig
-from .drain import Preempted, sigterm_requests_drain, start_gate, stop_if_lease_lost
-from ..model.engine_metrics import EngineFigures
-from .key_index import KEY_SCHEMA, index_inputs, key_columns
-from .lease import Lease, OutputInUse
-from .score_store import ScoreStore, model_fingerprint, result_identity
-from .outputs import MANIFEST, ThisRun, write_manifest, write_ranked_outputs
-from ..model.judgement import OUTCOMES
 from ..cluster.resources import (
     PREPARE_CPUS,
     actor_pool_size,
@@ -41,9 +30,20 @@ from ..cluster.resources import (
     engine_resources,
     uses_gpus,
 )
+from ..config import JobConfig, JobError, RunConfig
+from ..model.engine_metrics import EngineFigures
+from ..model.judgement import OUTCOMES
+from ..output.checkpoint import Done, check_output, done_in, open_output, with_fit_settled
+from ..output.compaction import compact
+from ..output.key_index import KEY_SCHEMA, index_inputs, key_columns
+from ..output.lease import Lease, OutputInUse
+from ..output.outputs import MANIFEST, ThisRun, write_manifest, write_ranked_outputs
+from ..output.parallel_reads import in_parallel
+from ..output.storage import Output, Shard, arrow_filesystem, list_input_files, read_footer, url_of
 from ..schema import ROW_HASH, SHARD_PATH, InputError, missing_columns, source_columns, to_contract
-from .parallel_reads import in_parallel
-from .storage import Output, Shard, arrow_filesystem, list_input_files, read_footer, url_of
+from ..store.score_store import ScoreStore, model_fingerprint, result_identity
+from . import cascade, stages
+from .drain import Preempted, sigterm_requests_drain, start_gate, stop_if_lease_lost
 
 log = logging.getLogger(__name__)
 

@@ -13,23 +13,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import JobConfig, ScoringConfig, job_logging
-from .checkpoint import Done
-from .drain import stop_if_lease_lost
-from .engine_deaths import Death, EngineDeaths
-from .engine_monitor import EngineMonitor
-from .outputs import commit_record
+from ..ir.agreement import grades
 from ..model.encoding import EncodedPrompt, PromptTooLong
 from ..model.engine_metrics import EngineTotals, read_totals
-from ..model.scorer_kinds import ScorerKind, scorer_kind
-from ..ir.agreement import grades
-from ..ir.ranking import top_k_mask, with_first_stage
 from ..model.judgement import OUTCOMES
+from ..model.scorer_kinds import ScorerKind, scorer_kind
+from ..output.checkpoint import Done
+from ..output.outputs import commit_record
+from ..output.parallel_reads import in_parallel
+from ..output.storage import Output, content_name
 from ..schema import (
     ERRORS_SCHEMA,
     REASON,
     ROW_HASH,
-    SHARD_PATH,
     SCORES_SCHEMA,
+    SHARD_PATH,
     TRACES_SCHEMA,
     UNSCORED_SCHEMA,
     conform,
@@ -38,9 +36,11 @@ from ..schema import (
     split_rejects,
     to_contract,
 )
-from .parallel_reads import in_parallel
-from .score_store import JUDGEMENT, KEY_TYPE, ScoreStore, store_keys
-from .storage import Output, content_name
+from ..store.score_store import JUDGEMENT, KEY_TYPE, ScoreStore, store_keys
+from .drain import stop_if_lease_lost
+from .engine_deaths import Death, EngineDeaths
+from .engine_monitor import EngineMonitor
+from .ranking import top_k_mask, with_first_stage
 
 IDS = ("query_id", "doc_id", "first_stage_rank", "first_stage_score")
 # The texts ride along to the writer, which needs them for relevance labels, and with the pair's

@@ -11,12 +11,12 @@ import pyarrow.compute as pc
 
 from ..config import JobConfig
 from ..model.engine_metrics import EngineFigures
-from ..ir.ranking import rank
-from ..schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
 from ..model.judgement import OUTCOMES
 from ..model.scorer_kinds import scorer_kind
-from .cascade import CASCADE_DIR
-from .engine_deaths import DEATHS_DIR
+from ..run.cascade import CASCADE_DIR
+from ..run.engine_deaths import DEATHS_DIR
+from ..run.ranking import rank
+from ..schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, count_values
 from .parallel_reads import FILES_PER_READING_TASK, in_groups, in_parallel
 from .storage import Output, Part, arrow_filesystem
 

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 import click
 
+from ..cli_options import s3_options
 from ..config import JobError, RunConfig
-from ..options import s3_options
 from .score_store import ScoreStore
 
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..config import DEFAULT_FIT, GREEDY, RANK1_SCORER, CascadeConfig, JobConfig, JobError
+from ..run.engine_deaths import DEATHS_DIR
+from ..schema import ROW_HASH
 from .compaction import DIRECTORIES, TWINS, finish_interrupted
-from .engine_deaths import DEATHS_DIR
 from .key_index import DoneKeys, InputKeys, index_done
 from .lease import LEASE_FILE
 from .outputs import JOB_FILE, LAYOUT, MANIFEST
 from .parallel_reads import in_parallel
-from ..schema import ROW_HASH
 from .storage import Listings, Output, staging_name
 
 # Options that do not change what a run writes; anything else must match to resume. Prefix

@@ -15,8 +15,8 @@ import logging
 import pyarrow as pa
 
 from ..config import GREEDY, EngineConfig, JobConfig, ScoringConfig
+from ..output.storage import Output
 from ..schema import RANKED_SCHEMA
-from .storage import Output
 
 log = logging.getLogger(__name__)
 

@@ -69,11 +69,11 @@ import pyarrow.parquet as pq
 
 from ..config import GREEDY, RANK1_SCORER, EngineConfig, JobConfig, JobError, RunConfig
 from ..model.prompt import query_text
+from ..output.checkpoint import identity
+from ..output.lease import STALE_AFTER_SECONDS, Heartbeat, Holder, is_gone, new_holder, read_holder
+from ..output.parallel_reads import in_parallel
+from ..output.storage import Output, is_part_file
 from ..schema import LABELS_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA, conform, count_values
-from .checkpoint import identity
-from .lease import STALE_AFTER_SECONDS, Heartbeat, Holder, is_gone, new_holder, read_holder
-from .parallel_reads import in_parallel
-from .storage import Output, is_part_file
 
 FORMAT = "rank1-batch-score-store"
 VERSION = 1

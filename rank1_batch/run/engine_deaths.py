@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from .storage import Output
+from ..output.storage import Output
 
 DEATHS_DIR = "_engine_deaths"
 
