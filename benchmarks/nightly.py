@@ -36,7 +36,8 @@ from throughput import DEFAULT_DATA, engine_ready, run_process
 from rank1_batch.config import JobConfig
 from rank1_batch.ir.prepare import from_rankllm, write_shards
 from rank1_batch.model.encoding import PromptEncoder
-from rank1_batch.store.score_store import ScoreStore, model_fingerprint, result_identity, store_keys
+from rank1_batch.store.keys import model_fingerprint, result_identity, store_keys
+from rank1_batch.store.score_store import ScoreStore
 
 JUDGEMENT = ["score", "logprob_true", "logprob_false", "outcome", "reasoning_tokens", "prompt_tokens"]
 

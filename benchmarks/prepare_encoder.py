@@ -19,13 +19,13 @@ from pathlib import Path
 import click
 
 from rank1_batch.config import JobConfig
-from rank1_batch.run.stages import scorer_of
+from rank1_batch.run.prompts import scorer_of
 
 # Run in the fresh process: the stage's imports first, then only the encoder is timed.
 WORKER = """
 import json, pickle, sys, time
 from rank1_batch.config import JobConfig
-from rank1_batch.run.stages import scorer_of
+from rank1_batch.run.prompts import scorer_of
 
 job = JobConfig.from_options(json.loads(sys.argv[1]))
 shipped = open(sys.argv[3], "rb").read()

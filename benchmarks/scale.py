@@ -25,7 +25,7 @@ from every client (driver and workers):
 
 A size in --written-sizes is measured as a re-run only, of an output the benchmark writes itself
 first: each input shard cut into batches and each batch committed through the run's own commit
-(`stages.write_results`, in one process per core) with the stand-in's generation, so with the files
+(`commits.write_results`, in one process per core) with the stand-in's generation, so with the files
 a first run leaves, without building prompts (about 1 ms a pair here: 10M pairs would take hours).
 
 Then, between consecutive sizes, each phase's time ratio and that ratio over the pairs' ratio
@@ -66,8 +66,8 @@ PHASES = {
     "manifest": ("write_manifest",),
 }
 RUN = "run"  # the pipeline's whole run, the total
-# Stages inside `stream` that the Ray workers run, by name in rank1_batch.run.stages.
-WORKER_STAGES = {"prepare": "build_prompts", "commit": "write_results"}
+# Stages inside `stream` that the Ray workers run: the module of rank1_batch.run that calls each, and its name.
+WORKER_STAGES = {"prepare": ("prompts", "build_prompts"), "commit": ("scoring", "write_results")}
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".scale-data"
@@ -131,14 +131,14 @@ def timed_stage(stage: str, function):
 def install_stand_ins() -> None:
     """Ray's worker_process_setup_hook: the stand-in engine, no vLLM metrics, timed worker stages.
     The driver installs them too, so that a function pickled by reference resolves alike."""
-    from rank1_batch.run import stages
-
     from rank1_batch.model import engine
+    from rank1_batch.run import prompts, scoring
 
     engine.AsyncRank1Engine = StandInEngine
-    stages.read_totals = no_engine_totals
-    for stage, name in WORKER_STAGES.items():
-        setattr(stages, name, timed_stage(stage, getattr(stages, name)))
+    scoring.read_totals = no_engine_totals
+    modules = {"prompts": prompts, "scoring": scoring}
+    for stage, (module, name) in WORKER_STAGES.items():
+        setattr(modules[module], name, timed_stage(stage, getattr(modules[module], name)))
 
 
 def worker_seconds(timings: Path) -> dict:
@@ -165,14 +165,14 @@ def attribute_owner(module, name: str):
 
 def check_names() -> None:
     """Every name the benchmark times or replaces is there, before any run starts."""
-    from rank1_batch.run import pipeline, stages
-
     from rank1_batch.model import engine
+    from rank1_batch.run import pipeline, prompts, scoring
 
     for entry in [RUN, *(entry for entries in PHASES.values() for entry in entries)]:
         attribute_owner(pipeline, entry)
-    for name in [*WORKER_STAGES.values(), "read_totals"]:
-        attribute_owner(stages, name)
+    modules = {"prompts": prompts, "scoring": scoring}
+    for module, name in [*WORKER_STAGES.values(), ("scoring", "read_totals")]:
+        attribute_owner(modules[module], name)
     attribute_owner(engine, "AsyncRank1Engine")
 
 
@@ -421,11 +421,11 @@ def write_committed(job, input_dir: Path, batch_size: int) -> float:
 
 def commit_shard(job, batch_size: int, shard: Path) -> None:
     """A shard's pairs committed in batches of `batch_size`, each scored with the stand-in's
-    generation and written by `stages.write_results`, as a run's engine actor writes it."""
+    generation and written by `commits.write_results`, as a run's engine actor writes it."""
     import pyarrow.parquet as pq
-    from rank1_batch.run import stages
-
     from rank1_batch.model.encoding import EncodedPrompt
+    from rank1_batch.output import commits
+    from rank1_batch.run import prompts, scoring
     from rank1_batch.output.storage import Output, content_name
     from rank1_batch.schema import conform, to_contract
 
@@ -434,10 +434,10 @@ def commit_shard(job, batch_size: int, shard: Path) -> None:
     pairs = to_contract(pq.read_table(shard), job.run.columns)
     encoded = EncodedPrompt([0] * PROMPT_TOKENS, truncated=False)
     for start in range(0, pairs.num_rows, batch_size):
-        batch = conform(pairs.slice(start, batch_size), stages.PROMPTS_SCHEMA)
-        scored, errors = stages.score_table(batch, [encoded] * batch.num_rows, [[generation]] * batch.num_rows,
+        batch = conform(pairs.slice(start, batch_size), prompts.PROMPTS_SCHEMA)
+        scored, errors = scoring.score_table(batch, [encoded] * batch.num_rows, [[generation]] * batch.num_rows,
                                             job.scoring)
-        stages.write_results(scored, errors, content_name(batch["query_id"], batch["doc_id"]), job, output)
+        commits.write_results(scored, errors, content_name(batch["query_id"], batch["doc_id"]), job, output, True)
 
 
 def measure_in_process(input_dir: Path, storage: str, batch_size: int, latency_ms: float, written: bool = False) -> dict:

@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from rank1_batch.config import JobConfig, RunConfig
-from rank1_batch.store.score_store import ScoreStore, result_identity, store_keys
+from rank1_batch.store.keys import result_identity, store_keys
+from rank1_batch.store.score_store import ScoreStore
 
 VOCABULARY = [f"w{number}" for number in range(5000)]
 

@@ -19,9 +19,11 @@ from .ir.evaluate import eval_command
 from .ir.export import export_command
 from .ir.labels import agreement_command, calibrate_command
 from .ir.prepare import prepare_command
+from .ir.qrels import qrels_command
 from .ir.report import report_command
 from .model.encoding import ContextTooShort
-from .run.stages import EngineStartError
+from .review.commands import review_group
+from .run.scoring import EngineStartError
 from .schema import InputError
 from .store.commands import store_group
 
@@ -159,8 +161,8 @@ def demo(output):
 def trec_run_command(output, tag, target):
     """Write the TREC run of a finished run's ranked/ (also written as run.trec by `run`)."""
     from .config import RunConfig
-    from .output.outputs import TREC_SCORE, trec_lines, trec_scores
     from .output.storage import Output
+    from .run.finish import TREC_SCORE, trec_lines, trec_scores
     from .schema import RANKED_SCHEMA
 
     ranked = Output(output, RunConfig()).read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA)
@@ -174,6 +176,7 @@ for command in (
     eval_command,
     agreement_command,
     calibrate_command,
+    qrels_command,
     export_command,
     report_command,
     submit_command,
@@ -181,6 +184,7 @@ for command in (
     logs_command,
     stop_command,
     store_group,
+    review_group,
 ):
     main.add_command(command)
 

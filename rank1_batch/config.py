@@ -26,6 +26,10 @@ DEFAULT_CROSS_ENCODER_TEMPLATE = "pair"
 # budget to what is left, as the public reference does; `budget` cuts the passage so that the
 # whole budget fits.
 FIT_POLICIES = ("reference", "budget")
+# How a pair's samples become its label and grade: `mean`, the mean P(true) at the threshold and
+# cut points (a tie of votes goes to the mean's side); `mode`, the most common among the samples'
+# own labels and grades, a tie going to the lower, as UMBRELA's ensemble breaks ties.
+AGGREGATES = ("mean", "mode")
 DEFAULT_FIT = "reference"
 DEVICES = ("auto", "gpu", "cpu")
 
@@ -52,7 +56,9 @@ def resolve_model(model: str) -> str:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How one vLLM engine is built. Defaults follow the reference procedure.
+    """How one vLLM engine is built, and what each of its requests asks. Defaults follow the
+    reference procedure. Each field is the `run` option of the same name (`max_model_len`:
+    `--max-model-len`) and the job spec's key; `engine_args` is `--engine-arg KEY=JSON`, repeatable.
 
     `model` has no default: a run names it (`tiny` is the bundled toy, used only when named).
     """
@@ -128,7 +134,8 @@ GREEDY = {name: getattr(EngineConfig, name) for name in ("samples", "temperature
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """What turns a pair into a prompt and a score into a label."""
+    """What turns a pair into a prompt or a model input, and a score into a label. Each field is
+    the `run` option of the same name."""
 
     threshold: float = 0.5
     # Graded labels: three cut points of the score, a pair's grade (0 to 3) being how many it reaches.
@@ -139,8 +146,12 @@ class ScoringConfig:
     # How a pair becomes the cross-encoder's input, and what of its logit is the score (one of
     # cross_encoder_templates.TEMPLATES); None with Rank1, DEFAULT_CROSS_ENCODER_TEMPLATE if not given.
     cross_encoder_template: str | None = None
+    # One of AGGREGATES.
+    aggregate: str = "mean"
 
     def __post_init__(self):
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"--aggregate {self.aggregate!r}: expected {' or '.join(AGGREGATES)}")
         if self.scorer not in SCORERS:
             raise ValueError(f"--scorer {self.scorer!r}: expected {' or '.join(SCORERS)}")
         if self.scorer == "rank1" and self.cross_encoder_template is not None:
@@ -157,14 +168,16 @@ class ScoringConfig:
             raise ValueError(f"--task-template must contain {QUERY_PLACEHOLDER}, where the query goes")
 
 
-# The scorer options at their defaults: Rank1, as outputs and score stores made before there were
-# other kinds were scored.
-RANK1_SCORER = {"scorer": "rank1", "cross_encoder_template": None}
+# The scorer options at their defaults: Rank1, by the mean of its samples, as outputs and score
+# stores made before there were other kinds (or aggregates) were scored.
+RANK1_SCORER = {"scorer": "rank1", "cross_encoder_template": None, "aggregate": "mean"}
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Where the pairs come from and go to, and how the Ray job is shaped."""
+    """Where the pairs come from and go to, and how the Ray job is shaped. Each field is the
+    `run` option of the same name, but for `columns` (`--column`, repeatable), `write_traces`
+    (`--traces`) and `labels_answered_only` (`--answered-only`)."""
 
     input: tuple[str, ...] = ()
     output: str | None = None
@@ -263,6 +276,10 @@ PARTS = (("engine", EngineConfig, ""), ("scoring", ScoringConfig, ""), ("run", R
 
 @dataclass(frozen=True)
 class JobConfig:
+    """A whole job: its four parts, checked against each other when built. `from_options`
+    builds one from flat options (a job spec's keys or the command line's names), and `options`
+    gives them back."""
+
     engine: EngineConfig = field(default_factory=EngineConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     run: RunConfig = field(default_factory=RunConfig)

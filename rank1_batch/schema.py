@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -201,3 +203,27 @@ def relevance_labels(scored: pa.Table, model: str, answered_only: bool) -> pa.Ta
         "model", pa.array([model] * scored.num_rows, pa.string())
     )
     return conform(labels.rename_columns(["rationale" if n == "reasoning" else n for n in labels.column_names]), LABELS_SCHEMA)
+
+
+def pair_grades(scored: pa.Table, cuts: Sequence[float] | None, aggregate: str) -> pa.Array:
+    """Each scored pair's grade by `aggregate`: `mean`, the grade of its score (the samples' mean);
+    `mode`, the most common of its samples' own grades, a tie going to the lower (a pair with no
+    sample scores, stored before they were kept, is one sample: its score)."""
+    if aggregate == "mean" or cuts is None:
+        return grades(scored["score"], cuts)
+    scores = pa.chunked_array(scored["score"]).combine_chunks()
+    alone = pa.ListArray.from_arrays(pa.array(np.arange(len(scores) + 1, dtype=np.int32)), scores)
+    samples = pc.if_else(pc.is_null(scored["sample_scores"]), alone, scored["sample_scores"])
+    samples = pa.chunked_array(samples).combine_chunks()
+    each = grades(pc.list_flatten(samples), cuts).to_numpy(zero_copy_only=False)
+    counts = np.zeros((len(samples), len(cuts) + 1), np.int64)
+    np.add.at(counts, (pc.list_parent_indices(samples).to_numpy(), each), 1)
+    return pa.array(counts.argmax(axis=1), SCORES_SCHEMA.field("grade").type)  # argmax: the lowest of a tie
+
+
+def grades(scores, cuts: Sequence[float] | None) -> pa.Array:
+    """Each score's grade: how many of the cut points are at or below it; null without cut points."""
+    grade = SCORES_SCHEMA.field("grade").type
+    if cuts is None:
+        return pa.nulls(len(scores), grade)
+    return pa.array(np.searchsorted(np.asarray(cuts, float), np.asarray(scores, float), side="right"), grade)

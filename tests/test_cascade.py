@@ -15,10 +15,11 @@ from rank1_batch.config import JobConfig, ScoringConfig
 from rank1_batch.model.cross_encoder import CrossEncoderRefused
 from rank1_batch.model.scorer_kinds import CrossEncoderKind, scorer_kind
 from rank1_batch.output.checkpoint import ConfigurationChanged
-from rank1_batch.run.cascade import CASCADE_DIR, cross_encoder_job
+from rank1_batch.output.layout import CASCADE_DIR
+from rank1_batch.run.cascade import cross_encoder_job
 from rank1_batch.run.pipeline import run
 from rank1_batch.run.ranking import with_first_stage
-from rank1_batch.store.score_store import result_identity
+from rank1_batch.store.keys import result_identity
 
 from .conftest import TINY_ENGINE, candidate_lists, pair_keys, read_dir, tiny_job, write_shards
 

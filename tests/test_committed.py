@@ -7,11 +7,13 @@ from unittest import mock
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rank1_batch.output import outputs
 
 from rank1_batch.config import JobConfig, RunConfig
-from rank1_batch.output.outputs import RANKING_COLUMNS, commit_record, read_committed, write_ranked_outputs
+from rank1_batch.output import commits
+from rank1_batch.output.commits import RANKING_COLUMNS, commit_record, read_committed
 from rank1_batch.output.storage import Output
+from rank1_batch.run import finish
+from rank1_batch.run.finish import write_ranked_outputs
 from rank1_batch.schema import ERRORS_SCHEMA, RANKED_SCHEMA, SCORES_SCHEMA, UNSCORED_SCHEMA, conform
 
 
@@ -78,7 +80,7 @@ def test_ray_data_ranks_and_counts_as_the_driver_does(ray_session, tmp_path):
     on_driver, _ = committed_output(tmp_path / "driver")
     on_ray, _ = committed_output(tmp_path / "ray")
     counts = write_ranked_outputs(on_driver, job, input_rows=10, num_cpus=1)
-    with mock.patch.object(outputs, "RANKED_ON_DRIVER", 5):
+    with mock.patch.object(finish, "RANKED_ON_DRIVER", 5):
         assert write_ranked_outputs(on_ray, job, input_rows=10, num_cpus=1) == counts
     by_rank = [("query_id", "ascending"), ("rank", "ascending")]
     driver_ranked = on_driver.read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA).sort_by(by_rank)
@@ -92,7 +94,7 @@ def test_reading_tasks_count_and_gather_candidates_as_the_driver_does(ray_sessio
     """An output of more files than one process reads is read by Ray tasks, a group each."""
     output, _ = committed_output(tmp_path)
     on_driver = read_committed(output, input_rows=10, num_cpus=1)
-    with mock.patch.object(outputs, "FILES_PER_READING_TASK", 1):
+    with mock.patch.object(commits, "FILES_PER_READING_TASK", 1):
         in_tasks = read_committed(output, input_rows=10, num_cpus=1)
     assert in_tasks.counts == on_driver.counts
     by_key = [("query_id", "ascending"), ("doc_id", "ascending")]
@@ -102,7 +104,7 @@ def test_reading_tasks_count_and_gather_candidates_as_the_driver_does(ray_sessio
 def test_an_output_with_no_candidate_is_ranked_on_the_driver_at_any_size(ray_session, tmp_path):
     output = Output(str(tmp_path), RunConfig())
     output.write_table("rejects", "part-a.parquet", pa.table({"query_id": ["q1"], "reason": ["empty"]}))
-    with mock.patch.object(outputs, "RANKED_ON_DRIVER", 0):
+    with mock.patch.object(finish, "RANKED_ON_DRIVER", 0):
         counts = write_ranked_outputs(output, JobConfig(), input_rows=1, num_cpus=1)
     assert (counts["rejected"], counts["scored"]) == (1, 0)
     assert output.read("ranked", RANKED_SCHEMA.names, RANKED_SCHEMA).num_rows == 0

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 from rank1_batch.cli import main
 from rank1_batch.output.checkpoint import done_in, open_output
+from rank1_batch.output.commits import commit_record
 from rank1_batch.output.compaction import COMPACTED_PREFIX, compacted_name, groups, merge
 from rank1_batch.output.key_index import KEY_SCHEMA, InputKeys
-from rank1_batch.output.outputs import commit_record
 from rank1_batch.output.storage import Output
 from rank1_batch.schema import SCORES_SCHEMA, TRACES_SCHEMA
 

@@ -12,7 +12,8 @@ import boto3
 import pytest
 
 from rank1_batch.config import RunConfig
-from rank1_batch.output.lease import LEASE_FILE, Heartbeat, Lease, LeaseWatch, OutputInUse, new_holder, read_holder
+from rank1_batch.output.layout import LEASE_FILE
+from rank1_batch.output.lease import Heartbeat, Lease, LeaseWatch, OutputInUse, new_holder, read_holder
 from rank1_batch.output.storage import ABSENT, Changed, Output
 
 

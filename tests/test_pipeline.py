@@ -17,8 +17,9 @@ import pytest
 
 from rank1_batch.config import JobConfig
 from rank1_batch.model.scorer import Pair
-from rank1_batch.run.pipeline import FOOTER_READERS, footer_readers_for, run
-from rank1_batch.run.stages import scorer_of
+from rank1_batch.run.inputs import FOOTER_READERS, footer_readers_for
+from rank1_batch.run.pipeline import run
+from rank1_batch.run.prompts import scorer_of
 from rank1_batch.schema import RANKED_SCHEMA, SCORES_SCHEMA, TRACES_SCHEMA, InputError
 
 from .conftest import S3_TEST_ENV, candidate_lists, pair_keys, read_dir, tiny_job, write_shards
@@ -207,7 +208,7 @@ def test_ray_data_reads_footers_on_one_actor_per_batch_of_files(files, readers, 
 
 
 def test_a_prompt_worker_keeps_the_drivers_encoder_which_encodes_as_a_loaded_one():
-    """The prompt stage is given the driver's encoder, pickled (see `stages.scorer_of`): a worker
+    """The prompt stage is given the driver's encoder, pickled (see `prompts.scorer_of`): a worker
     keeps it for every later batch, and it builds the same prompts as a tokenizer loaded there."""
     driver_job, worker_job = (tiny_job(input=["unused"], output="unused", fit="budget", seed=seed)
                               for seed in (20261206, 20261207))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rank1_batch.output.checkpoint import ConfigurationChanged
-from rank1_batch.run.engine_deaths import DEATHS_DIR
+from rank1_batch.output.layout import DEATHS_DIR
 from rank1_batch.run.pipeline import run
 from rank1_batch.schema import InputError
 from rank1_batch.store.score_store import ScoreStore

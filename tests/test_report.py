@@ -8,10 +8,12 @@ import pytest
 from click.testing import CliRunner
 
 from rank1_batch.config import JobConfig, RunConfig
-from rank1_batch.ir.report import duration, integer_bins, movement, report_command
-from rank1_batch.output.outputs import ThisRun, read_committed, write_manifest
+from rank1_batch.ir.report import duration, movement, report_command
+from rank1_batch.ir.report_plots import integer_bins
+from rank1_batch.output.commits import read_committed
+from rank1_batch.run.finish import ThisRun, write_manifest
 from rank1_batch.output.storage import Output
-from rank1_batch.run.stages import UNSCORED_SCHEMA
+from rank1_batch.schema import UNSCORED_SCHEMA
 from rank1_batch.schema import INPUT_SCHEMA, RANKED_SCHEMA, REASON, SCORES_SCHEMA, TRACES_SCHEMA, conform
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -185,3 +187,32 @@ def test_report_with_grades_and_samples(finished_run, tmp_path):
     # rows_i * columns_j * (i - j)^2 / 5: row 0: 2 * (1*1 + 3*4 + 1*9) = 44; row 1: 1 * (0 + 3*1 + 1*4) = 7;
     # row 2: 2 * (1*1 + 0 + 1*1) = 4: 55 / 5 = 11.
     assert f"| quadratic-weighted kappa: grade against qrels relevance | {1 - 7 / 11:.4f} |" in text
+
+
+def test_review_queue_counts_pairs_below_each_agreement_and_the_labels_right_by_confidence(finished_run, tmp_path):
+    url, qrels = finished_run
+    path = tmp_path / "out" / "scores" / "part-0.parquet"
+    scores = pq.read_table(path)
+    shares = {"samples": pa.array([5] * 8, pa.int32()), "agreement": pa.array([1.0, 1.0, 0.6, 0.8, 1.0, 0.6, 1.0, 0.4])}
+    for name, values in shares.items():
+        scores = scores.set_column(scores.column_names.index(name), name, values)
+    pq.write_table(scores, path)
+    result = CliRunner().invoke(report_command, [url, "--qrels", qrels])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "## Review queue" in text and "rank1-batch review export" in text
+    # Below 1.0: 0.6, 0.8, 0.6, 0.4; below 0.8: 0.6, 0.6, 0.4; below 0.6: 0.4. Of 8 scored.
+    for row in ["| below 1.0 | 4 | 50.0% |", "| below 0.8 | 3 | 37.5% |", "| below 0.6 | 1 | 12.5% |"]:
+        assert row in text
+    # Judged, relevant from 2: x 0.4 (0, label false: right), c 0.6 (1, true: wrong), a 0.7 (0, true: wrong),
+    # y 0.8 (2, true: right), b 0.9 (2, true: right); the other bins hold no judged pair.
+    for row in ["| 0.0 to 0.1 | 0 | - |", "| 0.4 to 0.5 | 1 | 100.0% |", "| 0.6 to 0.7 | 1 | 0.0% |",
+                "| 0.7 to 0.8 | 1 | 0.0% |", "| 0.8 to 0.9 | 1 | 100.0% |", "| 0.9 to 1.0 | 1 | 100.0% |"]:
+        assert row in text
+    assert "relevance >= 2 is relevant" in text
+
+
+def test_no_review_queue_without_samples_or_qrels(finished_run, tmp_path):
+    url, _ = finished_run
+    assert CliRunner().invoke(report_command, [url]).exit_code == 0
+    assert "## Review queue" not in (tmp_path / "out" / "report" / "report.md").read_text()

@@ -9,12 +9,14 @@ import asyncio
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from rank1_batch.run.prompts import PROMPTS_SCHEMA
+from rank1_batch.run.scoring import ScorePairs
 
 from rank1_batch.config import RunConfig
 from rank1_batch.model.encoding import PromptEncoder
+from rank1_batch.output.layout import DEATHS_DIR
 from rank1_batch.output.storage import Output, content_name
-from rank1_batch.run.engine_deaths import DEATHS_DIR, EngineDeaths
-from rank1_batch.run.stages import PROMPTS_SCHEMA, ScorePairs
+from rank1_batch.run.engine_watch import EngineDeaths
 from rank1_batch.schema import ERRORS_SCHEMA
 
 from .conftest import tiny_job

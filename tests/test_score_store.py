@@ -16,16 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from rank1_batch.store import score_store
 
 from rank1_batch.cli import main
 from rank1_batch.config import TINY_MODEL_DIR, EngineConfig, JobConfig, RunConfig
 from rank1_batch.output.lease import Holder
-from rank1_batch.store.score_store import (
-    STORE_SCHEMA,
-    NotAScoreStore,
-    ScoreStore,
-    StoreInUse,
+from rank1_batch.store import score_store
+from rank1_batch.store.keys import (
     UnresolvedModel,
     model_fingerprint,
     query_hashes,
@@ -33,6 +29,7 @@ from rank1_batch.store.score_store import (
     store_key,
     store_keys,
 )
+from rank1_batch.store.score_store import STORE_SCHEMA, NotAScoreStore, ScoreStore, StoreInUse
 
 FINGERPRINT = "sha256:" + "0" * 64
 PROMPT = [151644, 8, 99, 1024, 7, 151667]

@@ -15,7 +15,7 @@ from rank1_batch.model.judgement import consensus
 from rank1_batch.model.scorer import Pair
 from rank1_batch.model.scorer_kinds import Rank1Kind
 from rank1_batch.output.checkpoint import ConfigurationChanged, check_output, identity
-from rank1_batch.output.outputs import JOB_FILE
+from rank1_batch.output.layout import JOB_FILE
 from rank1_batch.output.storage import Output
 from rank1_batch.run.pipeline import run
 

@@ -60,7 +60,7 @@ def every_option_changed() -> JobConfig:
             "block_size": 16,
             "max_num_seqs": 64, "max_num_batched_tokens": 4096,
             "engine_args": {"kv_cache_dtype": "fp8", "limit_mm_per_prompt": {"image": 0}},
-            "threshold": 0.25, "grades": [0.2, 0.5, 0.85], "task_template": "Find \"passages\" that answer: FILL_QUERY_HERE's $HOME",
+            "threshold": 0.25, "grades": [0.2, 0.5, 0.85], "aggregate": "mode", "task_template": "Find \"passages\" that answer: FILL_QUERY_HERE's $HOME",
             "input": ["s3://bucket/with space/", "/data/a.parquet"], "output": "s3://bucket/out/",
             "columns": {"text": "passage", "query_id": "qid"}, "top_k": 50, "run_tag": "tag;rm -rf", "store": "s3://bucket/score store/",
             "min_engines": 2, "max_engines": 5, "cpus_per_engine": 2.5, "device": "gpu",

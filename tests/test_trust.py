@@ -21,7 +21,7 @@ import yaml
 from click.testing import CliRunner
 
 from rank1_batch.cli import SAMPLE, main
-from rank1_batch.run.pipeline import stall_message
+from rank1_batch.run.follow import stall_message
 
 from .conftest import candidate_lists, tiny_run_options, write_shards
 

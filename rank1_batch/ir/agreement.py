@@ -3,12 +3,14 @@ make them agree best: pure, free of Ray and vLLM.
 
 A run labels each pair twice over: `label` (score >= threshold) and, given cut points, `grade`
 (how many of them the score reaches, 0 to 3). On the pairs that both the run and the qrels judge,
-`label` is compared with qrels relevance >= a cut (2 for TREC DL passages, as UMBRELA does), and
-`grade` with the relevance itself, by Cohen's kappa: plain, and for grades also quadratic-weighted,
-as grades are ordered (a 2 against a 3 is a nearer miss than a 0 against a 3).
+`label` is compared with qrels relevance >= a cut (2 for TREC DL passages, as UMBRELA does), over
+all pairs and query by query, and `grade` with the relevance itself: by Cohen's kappa, plain and
+quadratic-weighted, as grades are ordered (a 2 against a 3 is a nearer miss than a 0 against a 3),
+by Krippendorff's alpha for ordinal data, and by Cohen's kappa with both sides cut in two at each
+point of the 0-3 scale, as LLMJudge's analysis does.
 
-scikit-learn and scipy are imported where they are used: they take about a second to import,
-and a run, whose workers map scores to grades here, needs neither.
+scikit-learn, scipy and krippendorff are imported where they are used: they take about a second
+to import, and a run, whose workers map scores to grades, needs none of them.
 """
 
 from __future__ import annotations
@@ -17,29 +19,21 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..schema import SCORES_SCHEMA
-from .evaluate import Qrels, Run, evaluate
+from ..schema import grades
+from .evaluate import Qrels
 
-GRADE_TYPE = SCORES_SCHEMA.field("grade").type
 # The qrels' cut for a relevant passage: TREC DL's passage judgments are 0 to 3, and 2 is relevant.
 DEFAULT_RELEVANCE_CUT = 2
-SYSTEM_METRIC = "nDCG@10"
+# The top grade: a run's grades count three cut points, as TREC DL's judgments run 0 to 3.
+TOP_GRADE = 3
 # Candidate cut points for the grades, from the quantiles of the judged scores: every triple of
 # them is tried, 161,700 at this many, in well under a second.
 GRADE_CANDIDATES = 100
-
-
-def grades(scores, cuts: Sequence[float] | None) -> pa.Array:
-    """Each score's grade: how many of the cut points are at or below it; null without cut points."""
-    if cuts is None:
-        return pa.nulls(len(scores), GRADE_TYPE)
-    return pa.array(np.searchsorted(np.asarray(cuts, float), np.asarray(scores, float), side="right"), GRADE_TYPE)
 
 
 def qrels_table(qrels: Qrels) -> pa.Table:
@@ -54,6 +48,7 @@ class Judged:
     """The pairs that both the run and the qrels judge, as arrays in (query_id, doc_id) order,
     and how many pairs only one side has."""
 
+    query_id: np.ndarray
     relevance: np.ndarray  # the qrels' judgment
     score: np.ndarray
     label: np.ndarray
@@ -76,6 +71,7 @@ def judged_pairs(scores: pa.Table, qrels: Qrels) -> Judged:
     of_run = judgments.filter(pc.is_in(judgments["query_id"], pc.unique(scores["query_id"])))
     graded = both.num_rows > 0 and both["grade"].null_count == 0
     return Judged(
+        query_id=both["query_id"].to_numpy(zero_copy_only=False),
         relevance=both["relevance"].to_numpy(),
         score=both["score"].to_numpy(),
         label=both["label"].to_numpy(zero_copy_only=False),
@@ -99,6 +95,16 @@ class Binary:
 
 
 @dataclass(frozen=True)
+class Split:
+    """Cohen's kappa of grade and qrels relevance, each cut in two at the same point: relevant is
+    a value >= `at`. `name` shows the split of the 0-3 scale, "0|123" for `at` 1."""
+
+    name: str
+    at: int
+    kappa: float | None
+
+
+@dataclass(frozen=True)
 class Graded:
     """`grade` against qrels relevance, on one scale: `values` are the rows (qrels) and columns
     (grades) of `confusion`."""
@@ -106,7 +112,31 @@ class Graded:
     values: list[int]
     kappa: float | None
     quadratic_kappa: float | None
+    alpha: float | None  # Krippendorff's, for ordinal data
+    splits: list[Split]  # at 1, 2 and 3
     confusion: list[list[int]]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """How a figure spreads over the queries where it is defined."""
+
+    count: int
+    mean: float
+    std: float  # population standard deviation
+    minimum: float
+    median: float
+    maximum: float
+
+
+@dataclass(frozen=True)
+class Topics:
+    """`label` against qrels relevance >= `relevance_cut` by Cohen's kappa, query by query."""
+
+    relevance_cut: int
+    kappa: dict[str, float]  # query -> kappa, of the queries where it is defined
+    undefined: list[str]  # queries where both sides give each of their pairs one and the same label
+    spread: Spread | None  # of `kappa`; None when no query's kappa is defined
 
 
 @dataclass(frozen=True)
@@ -118,6 +148,7 @@ class Agreement:
     qrels_only: int
     binary: Binary
     graded: Graded | None  # None when the run has no grades
+    topics: Topics
 
 
 def defined(value: float) -> float | None:
@@ -149,16 +180,49 @@ def binary(relevance: np.ndarray, label: np.ndarray, relevance_cut: int) -> Bina
 
 def graded(relevance: np.ndarray, grade: np.ndarray) -> Graded:
     """Weights go by the values' distance, so the scale is every integer from the lowest value
-    to the highest of either side, whether it occurs or not."""
+    to the highest of either side, and at least 0 to 3 (the grades' scale), whether it occurs or
+    not. In the splits, qrels relevance above 3 (some collections judge 0 to 4) counts as 3: it is
+    relevant at every cut."""
     from sklearn.metrics import confusion_matrix
 
-    values = list(range(int(min(relevance.min(), grade.min(), 0)), int(max(relevance.max(), grade.max())) + 1))
+    values = list(range(int(min(relevance.min(), grade.min(), 0)),
+                        int(max(relevance.max(), grade.max(), TOP_GRADE)) + 1))
+    scale = "".join(map(str, range(TOP_GRADE + 1)))
     return Graded(
         values=values,
         kappa=kappa(relevance, grade, values),
         quadratic_kappa=kappa(relevance, grade, values, "quadratic"),
+        alpha=ordinal_alpha(relevance, grade, values),
+        splits=[Split(f"{scale[:at]}|{scale[at:]}", at, kappa(relevance >= at, grade >= at, [False, True]))
+                for at in range(1, TOP_GRADE + 1)],
         confusion=confusion_matrix(relevance, grade, labels=values).tolist(),
     )
+
+
+def ordinal_alpha(relevance: np.ndarray, grade: np.ndarray, values: list[int]) -> float | None:
+    """Krippendorff's alpha for ordinal data, the qrels and the run as two coders of each pair;
+    undefined (None) when every value given is one and the same."""
+    import krippendorff
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return defined(krippendorff.alpha(reliability_data=np.stack([relevance, grade]), value_domain=values,
+                                          level_of_measurement="ordinal"))
+
+
+def topics(query_id: np.ndarray, relevance: np.ndarray, label: np.ndarray, relevance_cut: int) -> Topics:
+    """Each query's kappa at once, from the stack of the queries' confusion matrices. A query's
+    kappa is undefined (0/0) when both sides give all its pairs one and the same label."""
+    encoded = pc.dictionary_encode(pa.array(query_id, pa.string()))  # a hash: np.unique sorts, ten times slower
+    queries, query = encoded.dictionary.to_numpy(zero_copy_only=False), encoded.indices.to_numpy().astype(np.int64)
+    cells = query * 4 + (relevance >= relevance_cut) * 2 + label.astype(np.int64)
+    confusions = np.bincount(cells, minlength=len(queries) * 4).reshape(-1, 2, 2)
+    both = np.array([0, 1])
+    values = _kappas(confusions, both, both, quadratic=False)
+    known = ~np.isnan(values)
+    found = values[known]
+    spread = Spread(int(found.size), float(found.mean()), float(found.std()), float(found.min()),
+                    float(np.median(found)), float(found.max())) if found.size else None
+    return Topics(relevance_cut, dict(zip(queries[known].tolist(), found.tolist())), queries[~known].tolist(), spread)
 
 
 def agreement(judged: Judged, relevance_cut: int = DEFAULT_RELEVANCE_CUT) -> Agreement:
@@ -168,45 +232,8 @@ def agreement(judged: Judged, relevance_cut: int = DEFAULT_RELEVANCE_CUT) -> Agr
         qrels_only=judged.qrels_only,
         binary=binary(judged.relevance, judged.label, relevance_cut),
         graded=graded(judged.relevance, judged.grade) if judged.grade is not None else None,
+        topics=topics(judged.query_id, judged.relevance, judged.label, relevance_cut),
     )
-
-
-def label_qrels(scores: pa.Table) -> Qrels:
-    """A run's labels as qrels: each pair's grade where it has one, else its label as 0 or 1."""
-    relevance = pc.coalesce(scores["grade"].cast(pa.int64()), scores["label"].cast(pa.int64()))
-    qrels: Qrels = {}
-    for query_id, doc_id, value in zip(scores["query_id"].to_pylist(), scores["doc_id"].to_pylist(), relevance.to_pylist()):
-        qrels.setdefault(query_id, {})[doc_id] = value
-    return qrels
-
-
-@dataclass(frozen=True)
-class Systems:
-    """Systems measured under the qrels and under a run's labels used as qrels, and how alike the
-    two orderings of the systems are."""
-
-    metric: str
-    queries: int  # judged by both
-    measured: dict[str, dict[str, float]]  # system -> {"qrels": value, "labels": value}
-    kendall_tau: float | None  # None when either side measures every system alike
-
-
-def systems(runs: dict[str, Run], qrels: Qrels, labels: Qrels, metric: str = SYSTEM_METRIC) -> Systems:
-    """Every system over the queries that both qrels judge (a query a system lacks scores 0), so
-    that both orderings rank the same work."""
-    from scipy.stats import kendalltau
-
-    queries = qrels.keys() & labels.keys()
-    measured = {
-        name: {side: evaluate(run, judgments, [metric], queries=queries)[metric]
-               for side, judgments in (("qrels", qrels), ("labels", labels))}
-        for name, run in runs.items()
-    }
-    with warnings.catch_warnings():  # a constant side: tau is undefined, None here
-        warnings.simplefilter("ignore")
-        tau = kendalltau([value["qrels"] for value in measured.values()],
-                         [value["labels"] for value in measured.values()]).statistic
-    return Systems(metric, len(queries), measured, defined(tau))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Effectiveness of the reranked and first-stage orders against qrels, measured by ir-measures.
+"""Runs and qrels read (qrels as TREC's four columns or TREC RAG's six), and the effectiveness of
+the reranked and first-stage orders against qrels, measured by ir-measures.
 
 Queries: a run is averaged over the queries that are in both the reranked run and the qrels,
 as trec_eval does by default, so the figures match published trec_eval ones. The first-stage
@@ -12,6 +13,7 @@ AP, P, ...) count a passage as relevant from `relevance_level` up (TREC DL uses 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterable
@@ -21,6 +23,8 @@ import click
 import fsspec
 import ir_measures
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as csv
 import pyarrow.parquet as pq
 
 Run = dict[str, dict[str, float]]
@@ -28,9 +32,17 @@ Qrels = dict[str, dict[str, int]]
 
 # ir-measures reads MRR, Recall and MAP as RR, R and AP; results keep the name the user gave.
 DEFAULT_METRICS = ("nDCG@10", "MRR@10", "Recall@100", "MAP")
+QRELS_COLUMNS = ("query_id", "doc_id", "relevance")
+QRELS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("relevance", pa.int64())])
+_FIELDS = re.compile(rb"[ \t]+")
+_EDGES = re.compile(rb"(?m)^ | $")
 # A metric name is a run of characters other than spaces and commas, or a parenthesised group,
 # so that `RR(rel=1,judged_only=True)@10` stays whole.
 _METRIC_NAME = re.compile(r"(?:[^\s,(]|\([^)]*\))+")
+
+
+class QrelsError(ValueError):
+    """Qrels that cannot be read, merged or written as asked."""
 
 
 class Runs(NamedTuple):
@@ -70,15 +82,57 @@ def read_run(url: str, storage_options: dict | None = None) -> Runs:
     return Runs(run, None)
 
 
+def read_qrels_table(url: str, storage_options: dict | None = None) -> pa.Table:
+    """TREC qrels `qid 0 docid relevance`, or TREC RAG's `qid Q0 docid judgment confidence runid`,
+    as QRELS_SCHEMA rows; a malformed line is an error naming the file and line."""
+    try:
+        with fsspec.open(url, "rb", compression="infer", **(storage_options or {})) as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise QrelsError(f"{url}: no such qrels file") from None
+    # one space between fields, none at a line's ends, so that one-character CSV parsing reads them
+    text = _EDGES.sub(b"", _FIELDS.sub(b" ", data.replace(b"\r", b"")))
+    try:
+        table = csv.read_csv(io.BytesIO(text), read_options=csv.ReadOptions(autogenerate_column_names=True),
+                             parse_options=csv.ParseOptions(delimiter=" ", quote_char=False),
+                             convert_options=csv.ConvertOptions(column_types={f"f{n}": pa.string() for n in range(6)}))
+    except pa.ArrowInvalid:
+        raise QrelsError(_first_bad_line(url, data, lambda fields: len(fields) not in (4, 6))) from None
+    if table.num_columns not in (4, 6):
+        raise QrelsError(_first_bad_line(url, data, lambda fields: True))
+    try:
+        relevance = pc.cast(table["f3"], pa.int64())
+    except pa.ArrowInvalid:
+        raise QrelsError(_first_bad_line(url, data, lambda fields: not _is_integer(fields[3]))) from None
+    return pa.table([table["f0"], table["f2"], relevance], schema=QRELS_SCHEMA)
+
+
+def _is_integer(field: bytes) -> bool:
+    try:
+        int(field)
+    except ValueError:
+        return False
+    return True
+
+
+def _first_bad_line(url: str, data: bytes, is_bad) -> str:
+    """The error for the first line `is_bad` (given its fields) finds; read line by line, as only a
+    failed read comes here."""
+    for number, line in enumerate(data.splitlines(), 1):
+        fields = line.split()
+        if fields and (len(fields) not in (4, 6) or is_bad(fields)):
+            shown = line.decode("utf-8", "replace")[:120]
+            return (f"{url}, line {number}: {shown!r} is not qrels 'qid 0 docid relevance' (or TREC RAG's "
+                    "'qid Q0 docid judgment confidence runid'), with an integer relevance")
+    return f"{url}: not TREC qrels 'qid 0 docid relevance'"
+
+
 def read_qrels(url: str, storage_options: dict | None = None) -> Qrels:
-    """TREC qrels: `qid 0 docid relevance` (the second field, 0 or Q0, is ignored)."""
+    """TREC qrels (`qid 0 docid relevance`, or TREC RAG's six columns) as ir-measures takes them."""
+    table = read_qrels_table(url, storage_options)
     qrels: Qrels = {}
-    with fsspec.open(url, "rt", encoding="utf-8", compression="infer", **(storage_options or {})) as handle:
-        try:
-            for qrel in ir_measures.read_trec_qrels(handle):
-                qrels.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
-        except ValueError as error:
-            raise ValueError(f"{url}: not TREC qrels 'qid 0 docid relevance' ({error})") from None
+    for query_id, doc_id, relevance in zip(*(table[name].to_pylist() for name in QRELS_COLUMNS)):
+        qrels.setdefault(query_id, {})[doc_id] = relevance
     return qrels
 
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from ..cli_options import s3_options
 from ..config import RunConfig
 from ..model.prompt import LABEL_FALSE, LABEL_TRUE, THINK_CLOSE, THINK_OPEN, passage_text, prompt_body, query_text
-from ..output.outputs import JOB_FILE
+from ..output.layout import JOB_FILE
 from ..output.parallel_reads import in_parallel
 from ..output.storage import Output, list_input_files, read_footer, storage_options
 from ..schema import SCORES_SCHEMA, TRACES_SCHEMA, source_columns, to_contract

@@ -7,6 +7,10 @@ Inputs (any fsspec URL; `.gz` and other compressions are inferred from the name)
   "score"}]}`, or JSONL requests `{"query": {"text", "qid"}, "candidates": [{"docid", "score",
   "doc"}]}` where `doc` is a string or an object with a text key and an optional `title`.
 
+Several TREC runs, or one with `--depth` or `--judged`, make a pool (see `pool`): one row per
+(query, passage) of the union of each run's top K; its record (runs, depth, each query's pool
+size, judged and holes) is written beside the shards as `_pool.json`.
+
 Error policy: strict. The first problem stops the preparation with a `PrepareError` naming the
 file and the 1-based line: a malformed line, a missing field, a pair listed twice, a run row whose
 query is not in the topics or whose passage is not in the corpus. A half-joined run would be
@@ -34,6 +38,8 @@ from ..schema import INPUT_SCHEMA
 # The contract's columns that these formats can fill (none carries an instruction).
 PREPARED_SCHEMA = pa.schema([field for field in INPUT_SCHEMA if field.name != "instruction"])
 SHARD_NAME = "pairs-{:05d}.parquet"
+# Beside the shards; its leading underscore keeps it out of `rank1-batch run`'s input files.
+POOL_RECORD = "_pool.json"
 DOC_ID_KEYS = ("docid", "_id", "id")
 TEXT_KEYS = ("text", "contents", "segment")
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -246,6 +252,40 @@ def _is_json_corpus(path: str, first_line: str) -> bool:
     return first_line.lstrip().startswith("{")
 
 
+def from_pool(run_paths: list[str], topics_path: str, corpus_path: str, depth: int | None = None,
+              qrels_path: str | None = None, holes_only: bool = False) -> tuple[pa.Table, dict]:
+    """The pool of TREC runs (see `pool.pool_runs`) joined with its query and passage texts, and
+    the pool's record for `_pool.json`. Only the pairs kept need their texts."""
+    from . import pool  # pool reads run lines with this module's parser, so it imports this module
+
+    runs, pairs, record = pool.pool_runs(run_paths, depth, qrels_path, holes_only)
+    return _with_texts(pairs, topics_path, corpus_path, lambda *ids: pool.where(runs, depth, *ids)), record
+
+
+def _with_texts(pairs: pa.Table, topics_path: str, corpus_path: str, where) -> pa.Table:
+    """The pairs with their query text, passage text and title: PREPARED_SCHEMA's columns, then
+    the pairs' others. `where(query_id[, doc_id])` names the run line of a missing id."""
+    topics = read_topics(topics_path, set(pc.unique(pairs["query_id"]).to_pylist()))
+    passages = read_corpus(corpus_path, set(pc.unique(pairs["doc_id"]).to_pylist()))
+    query_at = _places_in(pairs, "query_id", topics, lambda q, d: f"{where(q)}: qid {q} not in topics {topics_path}")
+    doc_at = _places_in(pairs, "doc_id", passages, lambda q, d: f"{where(q, d)}: docid {d} not in corpus {corpus_path}")
+    texts = (("query", list(topics.values()), query_at), ("text", [text for text, _ in passages.values()], doc_at),
+             ("title", [title for _, title in passages.values()], doc_at))
+    columns = pairs.column_names
+    for name, values, at in texts:
+        pairs = pairs.append_column(PREPARED_SCHEMA.field(name), pa.array(values, pa.string()).take(at))
+    return pairs.select([*PREPARED_SCHEMA.names, *(name for name in columns if name not in PREPARED_SCHEMA.names)])
+
+
+def _places_in(pairs: pa.Table, column: str, known: dict, missing) -> pa.Array:
+    """Each pair's place among the `known` ids; an unknown one is refused: `missing(query_id, doc_id)`."""
+    at = pc.index_in(pairs[column], value_set=pa.array(list(known), pa.string()))
+    if at.null_count:
+        row = pc.index(pc.is_null(at), True).as_py()
+        raise PrepareError(missing(pairs["query_id"][row].as_py(), pairs["doc_id"][row].as_py()))
+    return at
+
+
 def from_rankllm(path: str) -> pa.Table:
     """The pairs of RankLLM retrieve results, a JSON list or JSONL requests (told apart by the
     first character). A candidate without a rank takes its 1-based position in the list."""
@@ -334,18 +374,20 @@ def shard_slices(query_ids: pa.Array | pa.ChunkedArray, rows_per_shard: int) -> 
 
 
 def write_shards(
-    table: pa.Table, output_url: str, rows_per_shard: int, storage_options: dict | None = None, overwrite: bool = False
+    table: pa.Table, output_url: str, rows_per_shard: int, storage_options: dict | None = None, overwrite: bool = False,
+    pool_record: dict | None = None,
 ) -> list[str]:
     """Write the pairs as `pairs-00000.parquet`, ... under the output URL, sorted by query and
-    first-stage rank, and return their URLs. Shards left by an earlier preparation would be read
-    as input too, so they are refused, or deleted first with `overwrite`."""
+    first-stage rank, then a pool's record, and return the shards' URLs. Shards left by an earlier
+    preparation would be read as input too, so they are refused, or deleted first with
+    `overwrite`; an earlier pool's record, which would describe them, is deleted."""
     fs, root = fsspec.core.url_to_fs(output_url, **(storage_options or {}))
     root = root.rstrip("/")
     earlier = fs.glob(f"{root}/pairs-*.parquet")
     if earlier and not overwrite:
         raise FileExistsError(f"{output_url} already holds {len(earlier)} pairs-*.parquet shard(s)")
-    if earlier:
-        fs.rm(earlier)
+    if earlier or fs.exists(f"{root}/{POOL_RECORD}"):
+        fs.rm(earlier + fs.glob(f"{root}/{POOL_RECORD}"))
     fs.makedirs(root, exist_ok=True)
     ordered = table.take(
         pc.sort_indices(
@@ -360,6 +402,9 @@ def write_shards(
         with fs.open(f"{root}/{name}", "wb") as handle:
             pq.write_table(ordered.slice(start, stop - start), handle)
         written.append(f"{output_url.rstrip('/')}/{name}")
+    if pool_record is not None:
+        with fs.open(f"{root}/{POOL_RECORD}", "w") as handle:
+            json.dump(pool_record, handle, indent=2)
     return written
 
 
@@ -368,23 +413,36 @@ def write_shards(
 @click.option("--rows-per-shard", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Most pairs per shard; a query is split only when it alone has more.")
 @click.option("--rankllm", metavar="FILE", help="RankLLM retrieve results: a JSON list or JSONL requests.")
-@click.option("--run", "run_path", metavar="FILE", help="TREC run: qid Q0 docid rank score tag.")
+@click.option("--run", "run_paths", metavar="FILE", multiple=True,
+              help="TREC run: qid Q0 docid rank score tag. Repeat it to pool several systems' runs (one tag each).")
 @click.option("--topics", metavar="FILE", help="Queries of the TREC run: qid<TAB>text.")
 @click.option("--corpus", metavar="FILE", help="Passages of the TREC run: TSV docid<TAB>text, or JSONL.")
+@click.option("--depth", type=click.IntRange(min=1), metavar="K",
+              help="Pool each run's top K by its rank column [default: all of each run]; pools even one run.")
+@click.option("--judged", "qrels", metavar="QRELS", help="Pool, and mark the pairs these qrels judge (column judged).")
+@click.option("--holes-only", is_flag=True, help="Keep only the pooled pairs that --judged does not judge.")
 @click.option("--overwrite", is_flag=True, help="Replace pairs-*.parquet shards already under --output.")
-def prepare_command(output, rows_per_shard, rankllm, run_path, topics, corpus, overwrite):
-    """Turn a first-stage run into Parquet shards of query-candidate pairs for `rank1-batch run`."""
-    trec = {"--run": run_path, "--topics": topics, "--corpus": corpus}
+def prepare_command(output, rows_per_shard, rankllm, run_paths, topics, corpus, depth, qrels, holes_only, overwrite):
+    """Turn first-stage runs into Parquet shards of query-candidate pairs for `rank1-batch run`:
+    one run as it is, or the pool of several."""
+    trec = {"--run": run_paths, "--topics": topics, "--corpus": corpus}
     if rankllm and any(trec.values()):
         raise click.UsageError("give either --rankllm, or --run with --topics and --corpus, not both")
     if not rankllm and not all(trec.values()):
         missing = ", ".join(name for name, value in trec.items() if not value)
         raise click.UsageError(f"give --rankllm FILE, or --run, --topics and --corpus (missing {missing})")
+    if rankllm and (depth or qrels):
+        raise click.UsageError("--depth and --judged pool TREC runs (--run), not --rankllm")
+    if holes_only and not qrels:
+        raise click.UsageError("--holes-only needs --judged QRELS")
     try:
-        table = from_rankllm(rankllm) if rankllm else from_trec(run_path, topics, corpus)
+        if rankllm or (len(run_paths) == 1 and not depth and not qrels):
+            table, record = (from_rankllm(rankllm) if rankllm else from_trec(run_paths[0], topics, corpus)), None
+        else:
+            table, record = from_pool(list(run_paths), topics, corpus, depth, qrels, holes_only)
         if table.num_rows == 0:
-            raise PrepareError(f"{rankllm or run_path}: no pairs")
-        written = write_shards(table, output, rows_per_shard, overwrite=overwrite)
+            raise PrepareError(f"{rankllm or ', '.join(run_paths)}: no pairs")
+        written = write_shards(table, output, rows_per_shard, overwrite=overwrite, pool_record=record)
     except (PrepareError, OSError) as error:
         raise click.ClickException(str(error)) from None
     queries = pc.count_distinct(table["query_id"]).as_py()

@@ -10,27 +10,24 @@ reads and writes the output.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 from dataclasses import dataclass
 
 import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from matplotlib.colors import LogNorm, Normalize
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
 from ..config import RunConfig
 from ..model.judgement import OUTCOMES
-from ..output.outputs import MANIFEST
+from ..output.layout import MANIFEST
 from ..output.storage import Output
 from ..schema import RANKED_SCHEMA, SCORES_SCHEMA
-from .agreement import Agreement, agreement, judged_pairs
+from .agreement import Agreement, Judged, agreement, judged_pairs
 from .evaluate import DEFAULT_METRICS, evaluate, judged_queries, read_qrels, run_from_ranks
 from .labels import value_text
+from .report_plots import (plot_confusion, plot_movement, plot_outcomes, plot_reasoning, plot_sample_agreement,
+                           plot_scores)
 
 REPORT_DIR = "report"
 REPORT = "report.md"
@@ -41,13 +38,10 @@ MOVEMENT_PLOT = "rank-movement.png"
 CONFUSION_PLOT = "confusion-matrix.png"
 SAMPLES_PLOT = "sample-agreement.png"
 SCORES_COLUMNS = ["query_id", "doc_id", "score", "label", "grade", "outcome", "reasoning_tokens", "samples", "agreement"]
-# One colour per outcome in every plot, so that the plots read together.
-OUTCOME_COLOURS = {"answered": "tab:blue", "forced": "tab:orange", "fallback": "tab:gray"}
-# Lengths whose longest is this many times their median are drawn on a log axis.
-LONG_TAIL = 10
-MAX_BINS = 50
-# Cell counts from which the rank grid's colours follow a log scale.
-LOG_COUNTS = 100
+# The review queue: pairs whose samples agree with their label less than each of these shares.
+AGREEMENT_LEVELS = (1.0, 0.8, 0.6)
+# The review queue: the scores' range [0, 1] in this many bins of equal width.
+CONFIDENCE_BINS = 10
 
 
 @dataclass(frozen=True)
@@ -78,7 +72,6 @@ class Evaluation:
 
 # The scorer of a manifest written before it named one.
 RANK1_SCORER = {"kind": "rank1", "score": "probability"}
-SCORE_MEANINGS = {"probability": "P(true)", "sigmoid": "the sigmoid of the logit", "logit": "the raw logit"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +83,9 @@ class Summary:
     evaluation: Evaluation | None  # None without qrels
     qrels_agreement: Agreement | None  # None without qrels, or when they judge no scored pair
     sample_agreement: np.ndarray  # of each pair judged by several samples: the share agreeing with its label
+    # (low, high, judged pairs, whose label agrees with the qrels) of each score bin; empty without
+    # qrels, without judged pairs, or for a raw logit
+    confidence: list[tuple[float, float, int, int]]
 
 
 def by_outcome(scores: pa.Table, column: str) -> dict[str, np.ndarray]:
@@ -141,6 +137,8 @@ def sample_agreement(scores: pa.Table) -> np.ndarray:
 
 
 def summarise(manifest: dict, scores: pa.Table, ranked: pa.Table, qrels: dict | None, relevance_level: int) -> Summary:
+    judged = judged_pairs(scores, qrels) if qrels is not None else None
+    probability = manifest.get("scorer", RANK1_SCORER)["score"] != "logit"
     lengths = by_outcome(scores, "reasoning_tokens")
     # only Rank1's judgements reason; a cross-encoder's have no reasoning tokens
     reasoned = pc.drop_null(scores["reasoning_tokens"]).to_numpy()
@@ -154,14 +152,21 @@ def summarise(manifest: dict, scores: pa.Table, ranked: pa.Table, qrels: dict | 
         at_budget=int(pc.sum(pc.greater_equal(scores["reasoning_tokens"], budget)).as_py() or 0),
         movement=movement(first_stage, new) if first_stage.size else None,
         evaluation=evaluation(ranked, qrels, relevance_level) if qrels is not None else None,
-        qrels_agreement=labels_against(scores, qrels, relevance_level) if qrels is not None else None,
+        qrels_agreement=agreement(judged, relevance_level) if judged is not None and judged.pairs else None,
         sample_agreement=sample_agreement(scores),
+        confidence=confidence(judged, relevance_level) if judged is not None and judged.pairs and probability else [],
     )
 
 
-def labels_against(scores: pa.Table, qrels: dict, relevance_level: int) -> Agreement | None:
-    judged = judged_pairs(scores, qrels)
-    return agreement(judged, relevance_level) if judged.pairs else None
+def confidence(judged: Judged, relevance_level: int) -> list[tuple[float, float, int, int]]:
+    """Each score bin's judged pairs, and how many of them the label gets right by the qrels."""
+    inner = np.arange(1, CONFIDENCE_BINS) / CONFIDENCE_BINS  # 0.1 ... 0.9, each the nearest float to its decimal
+    bins = np.searchsorted(inner, judged.score, side="right")
+    agrees = judged.label == (judged.relevance >= relevance_level)
+    pairs = np.bincount(bins, minlength=CONFIDENCE_BINS)
+    agreeing = np.bincount(bins, weights=agrees, minlength=CONFIDENCE_BINS).astype(int)
+    edges = np.arange(CONFIDENCE_BINS + 1) / CONFIDENCE_BINS
+    return [(float(edges[n]), float(edges[n + 1]), int(pairs[n]), int(agreeing[n])) for n in range(CONFIDENCE_BINS)]
 
 
 def share(part: int, whole: int) -> str:
@@ -178,6 +183,28 @@ def duration(seconds: float) -> str:
 
 def render(manifest: dict, summary: Summary, relevance_level: int) -> str:
     """report.md: the manifest's counts and the summary's figures, linking the plots beside it."""
+    scorer = manifest.get("scorer", RANK1_SCORER)
+    lines = counts_section(manifest, summary)
+    if manifest["counts"]["scored"]:
+        lines += scores_section(manifest, summary, scorer["score"])
+    if summary.reasoning:
+        lines += reasoning_section(manifest, summary)
+    if summary.movement is not None:
+        lines += movement_section(summary.movement)
+    if summary.sample_agreement.size:
+        lines += sample_agreement_section(summary.sample_agreement)
+    if summary.sample_agreement.size or summary.confidence:
+        lines += review_queue_section(manifest, summary, relevance_level)
+    if summary.evaluation is not None:
+        lines += ["## Evaluation", "", *evaluation_table(summary.evaluation), "",
+                  f"Over {summary.evaluation.queries:,} queries (those of the run with judgments); binary measures "
+                  f"count a judgment of {relevance_level} or more as relevant.", ""]
+        lines += qrels_agreement_section(summary.qrels_agreement, relevance_level)
+    return "\n".join(lines)
+
+
+def counts_section(manifest: dict, summary: Summary) -> list[str]:
+    """The run's model and settings, its pairs by what became of them, its time and tokens."""
     job, counts = manifest["job"], manifest["counts"]
     scored, total = counts["scored"], counts["input"]
     revision = f" (revision `{manifest['revision']}`)" if manifest.get("revision") else ""
@@ -185,7 +212,7 @@ def render(manifest: dict, summary: Summary, relevance_level: int) -> str:
     scorer = manifest.get("scorer", RANK1_SCORER)
     judged_by = (f"reasoning budget {job['engine']['max_reasoning_tokens']:,} tokens" if scorer["kind"] == "rank1"
                  else f"a {scorer['kind']} with the `{scorer['template']}` template, scored by its {scorer['score']}")
-    lines = [
+    return [
         "# Run report",
         "",
         f"Model `{manifest['model']}`{revision}; threshold {job['scoring']['threshold']:g}; "
@@ -213,61 +240,80 @@ def render(manifest: dict, summary: Summary, relevance_level: int) -> str:
            if scored else "."),
         "",
     ]
-    if scored:
-        lines += [
-            "## Scores",
-            "",
-            f"![Histogram of scores]({SCORE_PLOT})",
-            "",
-        ]
-        if scorer["score"] != "logit":
-            lines += [
-                f"{summary.labelled:,} of {scored:,} scored pairs ({share(summary.labelled, scored)}) score at or above "
-                f"the threshold {job['scoring']['threshold']:g} and are labelled relevant.",
-                "",
-            ]
-    if summary.reasoning:
-        lines += [
-            "## Outcomes",
-            "",
-            f"![Pairs by outcome]({OUTCOME_PLOT})",
-            "",
-            "`answered`: the model closed its reasoning and answered; `forced`: the label was read after "
-            "closing the cut reasoning; `fallback`: no label could be read, score 0.5.",
-            "",
-            "## Reasoning length",
-            "",
-            f"![Histogram of reasoning tokens by outcome]({REASONING_PLOT})",
-            "",
-            "| outcome | pairs | median | p90 | longest |",
-            "| --- | ---: | ---: | ---: | ---: |",
-            *(f"| {name} | {s.pairs:,} | {s.median:,.0f} | {s.p90:,.0f} | {s.longest:,} |"
-              for name, s in summary.reasoning.items()),
-            "",
-            f"{summary.at_budget:,} pairs ({share(summary.at_budget, scored)}) used the whole budget of "
-            f"{job['engine']['max_reasoning_tokens']:,} reasoning tokens.",
-            "",
-        ]
-    if summary.movement is not None:
-        moved = summary.movement
-        lines += [
-            "## Rank movement",
-            "",
-            f"![Rank movement from the first stage]({MOVEMENT_PLOT})",
-            "",
-            f"Of the {moved.candidates:,} reranked candidates with a first-stage rank, {share(moved.up, moved.candidates)} "
-            f"moved up, {share(moved.down, moved.candidates)} moved down and {share(moved.stayed, moved.candidates)} "
-            f"stayed; the median move was {moved.median_move:g} place{'' if moved.median_move == 1 else 's'}.",
-            "",
-        ]
+
+
+def scores_section(manifest: dict, summary: Summary, score: str) -> list[str]:
+    lines = ["## Scores", "", f"![Histogram of scores]({SCORE_PLOT})", ""]
+    if score == "logit":  # a raw logit has no threshold, so no label
+        return lines
+    scored, threshold = manifest["counts"]["scored"], manifest["job"]["scoring"]["threshold"]
+    return lines + [
+        f"{summary.labelled:,} of {scored:,} scored pairs ({share(summary.labelled, scored)}) score at or above "
+        f"the threshold {threshold:g} and are labelled relevant.",
+        "",
+    ]
+
+
+def reasoning_section(manifest: dict, summary: Summary) -> list[str]:
+    """Outcomes and reasoning lengths: Rank1's only, as a cross-encoder neither answers nor reasons."""
+    budget = manifest["job"]["engine"]["max_reasoning_tokens"]
+    return [
+        "## Outcomes",
+        "",
+        f"![Pairs by outcome]({OUTCOME_PLOT})",
+        "",
+        "`answered`: the model closed its reasoning and answered; `forced`: the label was read after "
+        "closing the cut reasoning; `fallback`: no label could be read, score 0.5.",
+        "",
+        "## Reasoning length",
+        "",
+        f"![Histogram of reasoning tokens by outcome]({REASONING_PLOT})",
+        "",
+        "| outcome | pairs | median | p90 | longest |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {name} | {s.pairs:,} | {s.median:,.0f} | {s.p90:,.0f} | {s.longest:,} |"
+          for name, s in summary.reasoning.items()),
+        "",
+        f"{summary.at_budget:,} pairs ({share(summary.at_budget, manifest['counts']['scored'])}) used the whole "
+        f"budget of {budget:,} reasoning tokens.",
+        "",
+    ]
+
+
+def movement_section(moved: Movement) -> list[str]:
+    return [
+        "## Rank movement",
+        "",
+        f"![Rank movement from the first stage]({MOVEMENT_PLOT})",
+        "",
+        f"Of the {moved.candidates:,} reranked candidates with a first-stage rank, {share(moved.up, moved.candidates)} "
+        f"moved up, {share(moved.down, moved.candidates)} moved down and {share(moved.stayed, moved.candidates)} "
+        f"stayed; the median move was {moved.median_move:g} place{'' if moved.median_move == 1 else 's'}.",
+        "",
+    ]
+
+
+def review_queue_section(manifest: dict, summary: Summary, relevance_level: int) -> list[str]:
+    """How many pairs a review would take: those whose samples agree less than each level, and,
+    given qrels, how often the labels agree with them at each confidence."""
+    scored = manifest["counts"]["scored"]
+    lines = ["## Review queue", "",
+             "`rank1-batch review export OUTPUT --to tasks.json --limit N` writes Label Studio tasks of the N least "
+             "certain pairs (the lowest agreement between samples first, then the nearest the threshold or a "
+             "grade's cut point) for people to review; `rank1-batch review import` brings their decisions back "
+             "as qrels.", ""]
     if summary.sample_agreement.size:
-        lines += sample_agreement_section(summary.sample_agreement)
-    if summary.evaluation is not None:
-        lines += ["## Evaluation", "", *evaluation_table(summary.evaluation), "",
-                  f"Over {summary.evaluation.queries:,} queries (those of the run with judgments); binary measures "
-                  f"count a judgment of {relevance_level} or more as relevant.", ""]
-        lines += qrels_agreement_section(summary.qrels_agreement, relevance_level)
-    return "\n".join(lines)
+        values = summary.sample_agreement
+        lines += ["| samples agreeing with the label | pairs | share of scored |", "| --- | ---: | ---: |",
+                  *(f"| below {level:.1f} | {int((values < level).sum()):,} | {share(int((values < level).sum()), scored)} |"
+                    for level in AGREEMENT_LEVELS), ""]
+    if summary.confidence:
+        lines += [f"How often the label agrees with the qrels (relevance >= {relevance_level} is relevant), by the "
+                  "pair's score:", "",
+                  "| score | judged pairs | label agrees with the qrels |", "| --- | ---: | ---: |",
+                  *(f"| {low:.1f} to {high:.1f} | {pairs:,} | {share(agree, pairs)} |"
+                    for low, high, pairs, agree in summary.confidence), ""]
+    return lines
 
 
 def qrels_agreement_section(result: Agreement | None, relevance_level: int) -> list[str]:
@@ -315,143 +361,6 @@ def evaluation_table(result: Evaluation) -> list[str]:
         *(f"| {name} | {value:.4f} | {result.first_stage[name]:.4f} | {value - result.first_stage[name]:+.4f} |"
           for name, value in result.reranked.items()),
     ]
-
-
-def png(figure: Figure) -> bytes:
-    # A Figure made without pyplot draws with Agg: no display, no global state.
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
-def count_axis(axis, label: str) -> None:
-    """An axis of counts: whole numbers only, with thousands separated."""
-    axis.set_label_text(label)
-    axis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
-
-
-def integer_bins(low: int, high: int, most: int = MAX_BINS) -> np.ndarray:
-    """Bin edges between integers, so that no bin holds more whole values than its neighbours."""
-    width = max(1, math.ceil((high - low + 1) / most))
-    return np.arange(low, high + width + 1, width) - 0.5
-
-
-def plot_scores(scores: dict[str, np.ndarray], threshold: float, score: str) -> bytes:
-    """The scores' histogram, stacked by outcome for Rank1's; a logit has neither the range [0, 1]
-    nor a threshold."""
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    axes = figure.subplots()
-    values = np.concatenate(list(scores.values()))
-    low, high = (0.0, 1.0) if score != "logit" else (float(values.min()), float(values.max()) or 1.0)
-    axes.hist(list(scores.values()), bins=np.linspace(low, high, MAX_BINS + 1), stacked=True,
-              color=[OUTCOME_COLOURS.get(outcome, "tab:blue") for outcome in scores], label=list(scores))
-    if score != "logit":
-        axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
-    axes.set(xlim=(low, high), xlabel=f"score, {SCORE_MEANINGS[score]}",
-             title="Scores by outcome" if set(scores) <= set(OUTCOME_COLOURS) else "Scores")
-    count_axis(axes.yaxis, "pairs")
-    figure.legend(loc="outside right upper")  # beside the axes: the bars can be anywhere
-    return png(figure)
-
-
-def plot_outcomes(outcomes: dict[str, int]) -> bytes:
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
-    axes = figure.subplots()
-    total = sum(outcomes.values())
-    bars = axes.bar(list(outcomes), list(outcomes.values()),
-                    color=[OUTCOME_COLOURS[outcome] for outcome in outcomes])
-    axes.bar_label(bars, labels=[f"{count:,} ({share(count, total)})" for count in outcomes.values()], padding=2)
-    axes.margins(y=0.15)  # room for the labels above the tallest bar
-    axes.set(title="Pairs by outcome")
-    count_axis(axes.yaxis, "pairs")
-    return png(figure)
-
-
-def plot_reasoning(lengths: dict[str, np.ndarray], budget: int) -> bytes:
-    values = np.concatenate(list(lengths.values()))
-    longest = int(values.max())
-    long_tailed = longest >= LONG_TAIL * max(np.median(values), 1)
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    axes = figure.subplots()
-    if long_tailed:
-        # A log axis has no zero: an empty reasoning is drawn in the first bin.
-        bins = np.geomspace(max(int(values.min()), 1), longest + 1, MAX_BINS + 1)
-        lengths = {outcome: np.maximum(values, 1) for outcome, values in lengths.items()}
-        axes.set_xscale("log")
-        axes.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
-    else:
-        bins = integer_bins(int(values.min()), longest)
-    axes.hist(list(lengths.values()), bins=bins, stacked=True,
-              color=[OUTCOME_COLOURS[outcome] for outcome in lengths], label=list(lengths))
-    if longest >= budget:
-        axes.axvline(budget, color="black", linestyle="--", label=f"budget {budget:,}")
-    axes.set(xlabel="reasoning tokens" + (" (log scale)" if long_tailed else ""), title="Reasoning length by outcome")
-    count_axis(axes.yaxis, "pairs")
-    figure.legend(loc="outside right upper")
-    return png(figure)
-
-
-def plot_movement(first_stage: np.ndarray, new: np.ndarray) -> bytes:
-    shift = first_stage - new
-    figure = Figure(figsize=(11, 4.5), layout="constrained")
-    left, right = figure.subplots(1, 2)
-    left.hist(shift, bins=integer_bins(int(shift.min()), int(shift.max())), color="tab:blue")
-    left.axvline(0, color="black", linestyle="--", linewidth=1)
-    left.set(xlabel="first-stage rank − new rank  (> 0: moved up)", title="How far candidates moved")
-    count_axis(left.yaxis, "candidates")
-    deepest = int(max(first_stage.max(), new.max()))
-    bins = integer_bins(1, deepest)
-    # A grid of counts rather than points, so that it stays readable for millions of candidates;
-    # counts spread over decades only on a large run, and only then need a log scale.
-    counts, *_ = np.histogram2d(first_stage, new, bins=[bins, bins])
-    norm = LogNorm(vmin=1) if counts.max() >= LOG_COUNTS else Normalize(vmin=0, vmax=counts.max())
-    image = right.pcolormesh(bins, bins, np.ma.masked_equal(counts.T, 0), norm=norm, cmap="viridis")
-    right.plot([1, deepest], [1, deepest], color="black", linestyle="--", linewidth=1)
-    right.invert_yaxis()  # rank 1 at the top: a cell above the line moved up
-    for axis in (right.xaxis, right.yaxis):
-        axis.set_major_locator(MaxNLocator(integer=True))
-    right.set(xlabel="first-stage rank", ylabel="new rank  (above the dashed line: moved up)",
-              title="New rank against first-stage rank", aspect="equal")
-    colorbar = figure.colorbar(image, ax=right)
-    if isinstance(norm, LogNorm):
-        colorbar.set_label("candidates")
-    else:
-        count_axis(colorbar.ax.yaxis, "candidates")
-    return png(figure)
-
-
-def plot_confusion(result: Agreement) -> bytes:
-    """The binary confusion matrix, and the graded one beside it when the run has grades."""
-    cut = result.binary.relevance_cut
-    panels = [("label", [f"< {cut}", f">= {cut}"], ["false", "true"], result.binary.confusion)]
-    if result.graded is not None:
-        names = [str(value) for value in result.graded.values]
-        panels.append(("grade", names, names, result.graded.confusion))
-    figure = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
-    for axes, (name, rows, columns, counts) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
-        counts = np.array(counts)
-        axes.imshow(counts, cmap="Blues", vmin=0)
-        # each cell's count, dark on light cells and light on dark ones
-        for (row, column), count in np.ndenumerate(counts):
-            axes.text(column, row, f"{count:,}", ha="center", va="center",
-                      color="white" if count > counts.max() / 2 else "black")
-        axes.set_xticks(range(len(columns)), columns)
-        axes.set_yticks(range(len(rows)), rows)
-        axes.set(xlabel=f"run's {name}", ylabel="qrels relevance", title=f"{name.capitalize()} against the qrels")
-    return png(figure)
-
-
-def plot_sample_agreement(values: np.ndarray) -> bytes:
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    axes = figure.subplots()
-    # a few samples give a few shares (k of n): one bar each
-    shares, counts = np.unique(values, return_counts=True)
-    width = 0.8 * (np.diff(shares).min() if shares.size > 1 else 0.1)
-    axes.bar(shares, counts, width=width, color="tab:blue")
-    axes.set(xlim=(0, 1.05), xlabel="share of samples agreeing with the label", title="Agreement between samples")
-    count_axis(axes.yaxis, "pairs")
-    return png(figure)
 
 
 def plots(manifest: dict, scores: pa.Table, ranked: pa.Table, summary: Summary) -> dict[str, bytes]:

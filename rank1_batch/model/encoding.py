@@ -6,8 +6,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from . import prompt
 from ..config import DEFAULT_FIT, EngineConfig, ScoringConfig
+from . import prompt
 
 # The forced pass appends "\n", the cut reasoning, "\n" and `</think>`, then reads one token:
 # room kept beyond the reasoning budget so that pass fits whenever the main pass did.

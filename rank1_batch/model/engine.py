@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
-from . import prompt
 from ..config import EngineConfig
+from . import prompt
 from .encoding import PromptEncoder, context_length
 from .judgement import Judgement, Outcome, answered_label, judge
 

@@ -66,17 +66,18 @@ class Consensus:
     """What a pair's samples say together (one sample: its own judgement)."""
 
     score: float  # the mean P(true) over the samples
-    label: bool  # the label most samples give (score >= threshold); a tie goes to the mean score's
+    label: bool  # the label most samples give (score >= threshold); a tie goes to the mean score's, or by mode to false
     agreement: float  # the share of samples whose label is `label`
     chosen: int  # the first sample whose label is `label`: its outcome, logprobs and trace stand for the pair
 
 
-def consensus(scores: Sequence[float], threshold: float) -> Consensus:
-    """The consensus of the samples' scores, each sample's label being its score >= threshold.
+def consensus(scores: Sequence[float], threshold: float, aggregate: str = "mean") -> Consensus:
+    """The consensus of the samples' scores, each sample's label being its score >= threshold; a
+    tie of votes goes to the mean score's side, or with aggregate `mode` to the lower label, false.
     `fsum` keeps the mean independent of the samples' order, and one sample's score exact."""
     votes = [score >= threshold for score in scores]
     score = math.fsum(scores) / len(scores)
     true = sum(votes)
-    label = 2 * true > len(votes) or (2 * true == len(votes) and score >= threshold)
+    label = 2 * true > len(votes) or (2 * true == len(votes) and aggregate == "mean" and score >= threshold)
     agreeing = true if label else len(votes) - true
     return Consensus(score, label, agreeing / len(votes), votes.index(label))

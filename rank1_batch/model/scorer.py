@@ -11,7 +11,6 @@ from .encoding import EncodedPrompt, PromptEncoder, PromptTooLong, load_tokenize
 from .engine import Generation, Rank1Engine
 from .judgement import consensus
 
-
 # Engine options that shape each request rather than the running engine (the seed: each sample's
 # request carries a seed of its own, derived from it).
 REQUEST_OPTIONS = ("max_reasoning_tokens", "fit", "samples", "temperature", "top_p", "seed")
@@ -19,6 +18,8 @@ REQUEST_OPTIONS = ("max_reasoning_tokens", "fit", "samples", "temperature", "top
 
 @dataclass(frozen=True)
 class Pair:
+    """A query and a passage, with the input contract's optional title and instruction."""
+
     query: str
     text: str
     title: str | None = None
@@ -62,7 +63,30 @@ def encode_pair(encoder: PromptEncoder, pair: Pair) -> EncodedPrompt | str:
 
 
 class Rank1Scorer:
-    """One engine and its prompt encoder; `score` takes pairs, `score_encoded` takes prompts."""
+    """One engine and its prompt encoder, without Ray: `score` takes pairs, `score_encoded` takes
+    prompts. A pair is judged as a run judges it.
+
+    Args:
+        engine: The engine to start; its `model` must be named.
+        scoring: The threshold of `label`, and the task template. None: `ScoringConfig()`.
+        llm (vllm.LLM | None): A running engine to score with instead of starting one.
+
+    Example:
+        In a script, under `if __name__ == "__main__":`, as vLLM starts processes of its own:
+
+        ```python
+        from rank1_batch.config import EngineConfig
+        from rank1_batch.model.scorer import Pair, Rank1Scorer
+
+        scorer = Rank1Scorer(EngineConfig(model="tiny", dtype="bfloat16", max_model_len=1024,
+                                          max_reasoning_tokens=128, enforce_eager=True))
+        first, second = scorer.score([
+            Pair("what is the river of New Haven", "The river of New Haven is the Wye."),
+            {"query": "what is the river of New Haven", "text": "Old Haven has a mild climate."},
+        ])
+        short = scorer.with_options(max_reasoning_tokens=8)  # the same engine, a smaller budget
+        ```
+    """
 
     def __init__(self, engine: EngineConfig | None = None, scoring: ScoringConfig | None = None, llm=None):
         self.engine_config = engine or EngineConfig()
@@ -81,6 +105,9 @@ class Rank1Scorer:
         )
 
     def score(self, pairs: Iterable[Pair | Mapping]) -> list[PairScore]:
+        """One result per pair, in order: a `Pair`, or a mapping with `query` and `text` (and
+        optionally `title` and `instruction`). A pair whose prompt cannot fit the context comes
+        back with its `reject_reason`."""
         encoded = [encode_pair(self.encoder, _as_pair(pair)) for pair in pairs]
         return self.score_encoded(encoded)
 
@@ -89,15 +116,17 @@ class Rank1Scorer:
         prompts = [item for item in encoded if isinstance(item, EncodedPrompt)]
         generations = iter(self.engine.generate([item.token_ids for item in prompts]))
         return [
-            rejected(item) if isinstance(item, str) else pair_score(next(generations), item, self.scoring.threshold)
+            rejected(item) if isinstance(item, str) else pair_score(next(generations), item, self.scoring.threshold, self.scoring.aggregate)
             for item in encoded
         ]
 
 
-def pair_score(samples: Sequence[Generation], encoded: EncodedPrompt, threshold: float) -> PairScore:
-    """A pair's result from its samples (one, for a greedy judgement)."""
+def pair_score(samples: Sequence[Generation], encoded: EncodedPrompt, threshold: float,
+               aggregate: str = "mean") -> PairScore:
+    """A pair's result from its samples (one, for a greedy judgement), by `aggregate` (see
+    `judgement.consensus`)."""
     scores = [sample.judgement.score for sample in samples]
-    together = consensus(scores, threshold)
+    together = consensus(scores, threshold, aggregate)
     chosen = samples[together.chosen]
     judgement = chosen.judgement
     return PairScore(

@@ -68,14 +68,14 @@ class Rank1Kind:
         return AsyncRank1Engine(self.engine_config, encoder)
 
     async def judge(self, engine, item: EncodedPrompt) -> PairScore:
-        return pair_score(await engine.generate(item.token_ids), item, self.scoring.threshold)
+        return pair_score(await engine.generate(item.token_ids), item, self.scoring.threshold, self.scoring.aggregate)
 
     def stored_labels(self, judged: pa.Table) -> pa.Table:
         """Labels, samples and agreement at this run's threshold, from the samples' scores (a
         judgement stored before those were kept is one sample, its score)."""
         scores = [each if each is not None else [score]
                   for each, score in zip(judged["sample_scores"].to_pylist(), judged["score"].to_pylist())]
-        together = [consensus(each, self.scoring.threshold) for each in scores]
+        together = [consensus(each, self.scoring.threshold, self.scoring.aggregate) for each in scores]
         return (judged.set_column(judged.column_names.index("sample_scores"), "sample_scores",
                                   pa.array(scores, pa.list_(pa.float64())))
                 .append_column("label", pa.array([each.label for each in together], pa.bool_()))

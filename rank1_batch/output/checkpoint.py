@@ -16,12 +16,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..config import DEFAULT_FIT, GREEDY, RANK1_SCORER, CascadeConfig, JobConfig, JobError
-from ..run.engine_deaths import DEATHS_DIR
 from ..schema import ROW_HASH
 from .compaction import DIRECTORIES, TWINS, finish_interrupted
 from .key_index import DoneKeys, InputKeys, index_done
-from .lease import LEASE_FILE
-from .outputs import JOB_FILE, LAYOUT, MANIFEST
+from .layout import DEATHS_DIR, JOB_FILE, LAYOUT, LEASE_FILE, MANIFEST
 from .parallel_reads import in_parallel
 from .storage import Listings, Output, staging_name
 

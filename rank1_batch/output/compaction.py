@@ -20,7 +20,7 @@ import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .outputs import commit_record
+from .commits import commit_record
 from .parallel_reads import in_parallel
 from .storage import Listings, Output, record_of
 

@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from ..config import JobError, RunConfig
+from .layout import LEASE_FILE
 from .storage import Changed, Output
 
-LEASE_FILE = "_lease.json"
 # A heartbeat renewed this often stays well inside any sensible stale limit.
 HEARTBEAT_SECONDS = 15.0
 STALE_AFTER_SECONDS = RunConfig.lease_timeout

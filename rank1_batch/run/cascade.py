@@ -15,13 +15,12 @@ import logging
 import pyarrow as pa
 
 from ..config import GREEDY, EngineConfig, JobConfig, ScoringConfig
+from ..output.layout import CASCADE_DIR
 from ..output.storage import Output
 from ..schema import RANKED_SCHEMA
 
 log = logging.getLogger(__name__)
 
-# The cross-encoder's run, inside the cascade's output.
-CASCADE_DIR = "cascade"
 FIRST_STAGE_COLUMNS = ["query_id", "doc_id", "rank", "score"]
 
 
