@@ -47,7 +47,8 @@ if way == "floor":
 else:
     pairs = build_pool(read_runs(paths), depth).num_rows
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "pairs": pairs, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+print(json.dumps({"seconds": seconds, "pairs": pairs, "rss_mb": peak_mb}))
 """
 
 
@@ -81,7 +82,8 @@ def measure(way: str, depth: int, paths: list[str]) -> dict:
 @click.command()
 @click.option("--runs", type=int, default=100, show_default=True, help="Systems, one run file each.")
 @click.option("--queries", type=int, default=1000, show_default=True)
-@click.option("--depth", type=int, default=100, show_default=True, help="Lines per query in each run, and the pool's depth.")
+@click.option("--depth", type=int, default=100, show_default=True,
+              help="Lines per query in each run, and the pool's depth.")
 @click.option("--universe", type=int, default=2000, show_default=True, help="Candidate passages per query.")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Turns of floor and pool, each timed.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -146,12 +147,21 @@ def demo(output):
         }
     )
     run_and_report(job)
+    out = shlex.quote(job.run.output)
     click.echo(
         f"\nOutputs under {job.run.output}: scores/, traces/, ranked/, run.trec, _manifest.json\n"
-        "Look at them with, for example:\n"
-        f"  python -c \"import pyarrow.parquet as pq; print(pq.read_table('{job.run.output}/ranked').to_pandas().head(20))\"\n"
-        f"  head {job.run.output}/run.trec"
+        "Next, a report of the run (report/report.md, with plots), and its TREC run:\n"
+        f"  {this_command()} report {out}\n"
+        f"  head {out}/run.trec"
     )
+
+
+def this_command() -> str:
+    """How to run rank1-batch again as it was run now (from a virtual environment not activated,
+    say), so that a printed next step works as printed."""
+    if Path(sys.argv[0]).name == "rank1-batch":
+        return shlex.quote(sys.argv[0])
+    return f"{shlex.quote(sys.executable)} -m rank1_batch.cli"
 
 
 @main.command("trec-run")

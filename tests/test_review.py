@@ -144,7 +144,8 @@ def test_disagreement_order_puts_the_labels_the_qrels_contradict_first(graded_ru
 
 
 def test_disagreement_order_needs_qrels(graded_run):
-    result = CliRunner().invoke(main, ["review", "export", str(graded_run), "--to", "x.json", "--order", "disagreement"])
+    result = CliRunner().invoke(main, ["review", "export", str(graded_run), "--to", str(graded_run / "x.json"),
+                                       "--order", "disagreement"])
     assert result.exit_code == 2 and "--order disagreement and --qrels go together" in result.output
 
 
@@ -233,7 +234,8 @@ def test_merge_into_plain_qrels_keeps_their_other_judgments_as_human(tmp_path):
     assert result.exit_code == 0, result.output
     assert read_qrels(target) == {**DECIDED, ("q001", "q001-d009"): 0, ("q009", "q009-d001"): 1}
     provenance = {(row["query_id"], row["doc_id"]): row for row in read_provenance(str(target)).to_pylist()}
-    assert (provenance["q009", "q009-d001"]["source"], provenance["q009", "q009-d001"]["output"]) == ("human", str(human))
+    human_row = provenance["q009", "q009-d001"]
+    assert (human_row["source"], human_row["output"]) == ("human", str(human))
     assert provenance["q006", "q006-d009"]["source"] == "human-review"
 
 
@@ -294,3 +296,10 @@ def test_reviewers_against_the_model_by_hand():
     # Observed 3/4; by chance (2*1 + 2*3) / 16 = 1/2: kappa (3/4 - 1/2) / (1/2) = 0.5; no quadratic for two choices
     assert binary.kappa == pytest.approx(0.5) and binary.quadratic_kappa is None
     assert binary.choices == ["not relevant", "relevant"] and binary.confusion == [[2, 0], [1, 1]]
+
+
+def test_a_run_without_traces_gives_tasks_without_reasoning(graded_run):
+    for path in (graded_run / "traces").iterdir():
+        path.unlink()
+    tasks, _, _ = export(graded_run, "--limit", "2")
+    assert [task["data"]["reasoning"] for task in tasks] == ["", ""]

@@ -107,6 +107,8 @@ def connect(job: JobConfig) -> None:
     does not answer, or wants a token that is not there, fails it with a ClusterError."""
     import ray
 
+    if not job.run.verbose:
+        quiet_ray()
     if not ray.is_initialized():
         address = ray_address(job.run)
         if address == "local":
@@ -122,6 +124,35 @@ def connect(job: JobConfig) -> None:
             raise ClusterError(f"cannot join the Ray cluster at {address}: {error}{hint}") from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = job.run.verbose
+
+
+class RayNotices(logging.Filter):
+    """Ray's lines that say nothing a run's user acts on: Ray Data's own progress (the run shows its
+    own bar), that its progress bars are off, and that the Ray a run starts for itself uses token
+    authentication (as Ray's own default: nothing to set)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("ray.data") and record.levelno < logging.WARNING:
+            return False
+        message = record.getMessage()
+        return not (message.startswith("Progress bars disabled")
+                    or record.name.endswith("authentication_token_setup"))
+
+
+def quiet_ray() -> None:
+    """Without --verbose, leave out Ray's notices (`RayNotices`) on the terminal (its session's log
+    files keep them), and its C++ components' log lines below fatal: among them, an error-level line at every engine actor's
+    creation that its constructor's arguments are in the object store while it may be restarted,
+    which holds for every Ray Data actor pool (Ray Data puts its stage there) and is no fault. An
+    explicit RAY_BACKEND_LOG_LEVEL is kept."""
+    import ray.data  # noqa: F401  (sets up the ray.data logger's handlers)
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            on_terminal = getattr(handler, "stream", None) in (sys.stderr, sys.stdout)
+            if on_terminal and not any(isinstance(each, RayNotices) for each in handler.filters):
+                handler.addFilter(RayNotices())
 
 
 def reachable(address: str) -> str:

@@ -94,6 +94,7 @@ def read_run_table(path: str) -> pa.Table:
 
 
 def _read_spaced(data: bytes) -> pa.Table:
+    """The lines, fields split by one space, through pyarrow's CSV reader (blank lines skipped)."""
     return csv.read_csv(
         pa.BufferReader(data),
         read_options=csv.ReadOptions(column_names=RUN_SCHEMA.names),
@@ -201,7 +202,8 @@ def build_pool(runs: list[Run], depth: int | None = None) -> pa.Table:
     pooled_by = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), names.take(flat))
     score = pc.add(pc.divide(pc.cast(pairs["coarse_sum"], pa.float64()), COARSE),
                    pc.divide(pc.cast(pairs["fine_sum"], pa.float64()), FINE))
-    keys = pa.table([pairs["query_id"], score, pairs["rank_min"], pairs["doc_id"]], names=["query", "score", "best", "doc"])
+    keys = pa.table([pairs["query_id"], score, pairs["rank_min"], pairs["doc_id"]],
+                    names=["query", "score", "best", "doc"])
     order = pc.sort_indices(keys, sort_keys=[("query", "ascending"), ("score", "descending"), ("best", "ascending"),
                                              ("doc", "ascending")])
     query_ids = pairs["query_id"].take(order).combine_chunks()
@@ -211,7 +213,7 @@ def build_pool(runs: list[Run], depth: int | None = None) -> pa.Table:
 
 def _pooled_rows(pairs: pa.Table, system: int, depth: int | None) -> pa.Table:
     """A run's rows within depth, with its system's index and each row's fusion term, split."""
-    if depth is not None:
+    if depth is not None and pc.max(pairs["rank"]).as_py() > depth:  # else a filter would only copy
         pairs = pairs.filter(pc.less_equal(pairs["rank"], depth))
     terms = 1.0 / (RRF_K + pairs["rank"].to_numpy())
     coarse = np.floor(terms * COARSE)

@@ -1,11 +1,12 @@
 """A report of a finished run, for people: counts, the score and reasoning-length distributions,
 how far the reranker moved candidates from their first-stage ranks, how far a pair's samples agree
-(with several) and, given qrels, effectiveness against the first stage and how far the labels
-agree with the qrels. Written under report/ in the output: report.md beside the PNGs it links,
-so the folder reads the same wherever it is viewed or copied.
+(with several), the review queue (how many pairs are uncertain, for `rank1-batch review`) and,
+given qrels, effectiveness against the first stage and how far the labels agree with the qrels.
+Written under report/ in the output: report.md beside the PNGs it links, so the folder reads the
+same wherever it is viewed or copied.
 
-The statistics and the markdown are pure; the plots turn arrays into PNG bytes; only the command
-reads and writes the output.
+The statistics and the markdown, one function a section, are pure; the plots (report_plots.py)
+turn arrays into PNG bytes; only the command reads and writes the output.
 """
 
 from __future__ import annotations
@@ -303,10 +304,9 @@ def review_queue_section(manifest: dict, summary: Summary, relevance_level: int)
              "grade's cut point) for people to review; `rank1-batch review import` brings their decisions back "
              "as qrels.", ""]
     if summary.sample_agreement.size:
-        values = summary.sample_agreement
+        below = {level: int((summary.sample_agreement < level).sum()) for level in AGREEMENT_LEVELS}
         lines += ["| samples agreeing with the label | pairs | share of scored |", "| --- | ---: | ---: |",
-                  *(f"| below {level:.1f} | {int((values < level).sum()):,} | {share(int((values < level).sum()), scored)} |"
-                    for level in AGREEMENT_LEVELS), ""]
+                  *(f"| below {level:.1f} | {count:,} | {share(count, scored)} |" for level, count in below.items()), ""]
     if summary.confidence:
         lines += [f"How often the label agrees with the qrels (relevance >= {relevance_level} is relevant), by the "
                   "pair's score:", "",

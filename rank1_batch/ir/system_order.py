@@ -63,7 +63,8 @@ def systems(runs: dict[str, Run], qrels: Qrels, labels: Labels, measure: str = D
             relevance_cut: int = DEFAULT_RELEVANCE_CUT) -> Systems:
     """Every system over the queries that both qrels judge (a query a system lacks scores 0), so
     that both orderings rank the same work. A binary measure counts qrels relevance from
-    `relevance_cut` up as relevant, and so grades (calibrated to the qrels' scale), or label 1."""
+    `relevance_cut` up as relevant, and so grades (calibrated to the qrels' scale), or label 1.
+    tau_ap takes the ordering under the human qrels as the truth, the labels' as the estimate."""
     from scipy.stats import kendalltau, spearmanr
 
     queries = qrels.keys() & labels.qrels.keys()

@@ -7,7 +7,6 @@ from collections import Counter
 
 import click
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -16,13 +15,13 @@ from ..config import RunConfig
 from ..ir.evaluate import QRELS_COLUMNS, read_qrels_table
 from ..ir.export import input_texts
 from ..ir.labels import matrix, relevance_cut_option, value_text
-from ..ir.qrels import PROVENANCE_SCHEMA, human_qrels, merge, pair_keys, read_provenance, write_qrels
+from ..ir.qrels import KEY, PROVENANCE_SCHEMA, human_qrels, merge, pair_keys, read_provenance, write_qrels
 from ..output.storage import Output, storage_options
 from ..schema import TRACES_SCHEMA
 from .decisions import (ExportError, Review, ReviewAgreement, decide, provenance, read_export, review_agreement,
                         reviews, unknown_pairs)
 from .scored import read_scored_run
-from .tasks import KEY, ORDERS, config_url, disagreeing, label_config, order_text, ordered, tasks
+from .tasks import ORDERS, config_url, disagreeing, label_config, order_text, ordered, tasks
 
 # Tasks named at most in one message.
 NAMED = 5
@@ -72,9 +71,8 @@ def export_command(output_url, target, limit, order, qrels_url, relevance_cut, a
     left_out["not in the input, or repeated there"] = pairs.num_rows - with_texts.num_rows
     disagrees = disagreeing(with_texts, judgments, relevance_cut) if judgments is not None else None
     chosen = ordered(with_texts, run.boundaries, disagrees).slice(0, limit)
-    positions = pa.array(np.arange(chosen.num_rows))
-    chosen = (chosen.append_column("_position", positions).join(traces, KEY, join_type="left outer")
-              .sort_by("_position").drop_columns(["_position"]))
+    reasoning = traces["reasoning"].take(pc.index_in(pair_keys(chosen), value_set=pair_keys(traces)))
+    chosen = chosen.append_column("reasoning", reasoning)
     try:
         with fsspec.open(target, "wt", encoding="utf-8", **storage_options(target, storage)) as out:
             json.dump(tasks(chosen, run), out, ensure_ascii=False, indent=1)
@@ -150,9 +148,9 @@ def import_command(export_url, target, run_url, merge_url, s3_endpoint_url, s3_p
         write_qrels(qrels, target, storage_options(target, storage))
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error)) from None
-    summary = (f"{len(found):,} tasks of {len(pairs):,} pairs read from {export_url}; {reviewed.num_rows:,} decisions "
-               f"written to {target}" + (f", merged into {merge_url}'s for {qrels.num_rows:,} judgments" if merge_url else ""))
-    lines = [summary]
+    merged = f", merged into {merge_url}'s for {qrels.num_rows:,} judgments" if merge_url else ""
+    lines = [f"{len(found):,} tasks of {len(pairs):,} pairs read from {export_url}; {reviewed.num_rows:,} decisions "
+             f"written to {target}{merged}"]
     if decided.ties:
         lines.append("ties, left out: " + "; ".join(
             f"{review.name}: " + ", ".join(f"{count} for {choice!r}" for choice, count in Counter(
@@ -163,7 +161,7 @@ def import_command(export_url, target, run_url, merge_url, s3_endpoint_url, s3_p
 
 
 def agreement_lines(result: ReviewAgreement, model: str) -> list[str]:
-    quadratic = f", quadratic-weighted {value_text(result.quadratic_kappa)}" if result.quadratic_kappa is not None else ""
+    quadratic = "" if result.quadratic_kappa is None else f", quadratic-weighted {value_text(result.quadratic_kappa)}"
     return [
         f"reviewers against the model {model} on the {result.pairs:,} decided pairs: {result.overridden:,} overridden",
         f"  Cohen's kappa {value_text(result.kappa)}{quadratic}",

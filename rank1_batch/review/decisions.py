@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..ir.agreement import kappa
-from ..ir.qrels import with_provenance
+from ..ir.qrels import KEY, pair_keys, with_provenance
 from .scored import Scale, ScoredRun
 
-KEY = ["query_id", "doc_id"]
 SOURCE = "human-review"
 
 
@@ -131,19 +131,16 @@ def decide(found: list[Review], scale: Scale) -> Decided:
 
 def unknown_pairs(found: list[Review], scores: pa.Table) -> list[Review]:
     """The reviewed pairs that the run did not score."""
-    reviewed = pa.table({"query_id": [review.query_id for review in found], "doc_id": [review.doc_id for review in found],
-                         "position": pa.array(range(len(found)), pa.int64())})
-    missing = reviewed.join(scores.select(KEY), KEY, join_type="left anti")
-    return [found[position] for position in sorted(missing["position"].to_pylist())]
+    reviewed = pa.table({"query_id": [review.query_id for review in found],
+                         "doc_id": [review.doc_id for review in found]})
+    scored = pc.is_in(pair_keys(reviewed), value_set=pair_keys(scores)).to_numpy(zero_copy_only=False)
+    return [found[position] for position in np.flatnonzero(~scored)]
 
 
 def provenance(decisions: pa.Table, run: ScoredRun) -> pa.Table:
     """The decisions as qrels with their provenance: the reviewers, and what the model had said.
-    Every decided pair is in the run (see `unknown_pairs`), once."""
-    # Arrow joins carry no list column (`annotators`): the model's side is joined to the keys and
-    # put back in the decisions' order
-    positions = decisions.select(KEY).append_column("_position", pa.array(np.arange(decisions.num_rows)))
-    said = positions.join(run.scores, KEY, join_type="inner").sort_by("_position")
+    Every decided pair is in the run (see `unknown_pairs`)."""
+    said = run.scores.take(pc.index_in(pair_keys(decisions), value_set=pair_keys(run.scores)))
     return with_provenance(decisions, SOURCE, model=run.model, output=run.url, annotators=decisions["annotators"],
                            model_relevance=run.model_relevance(said), model_score=said["score"])
 

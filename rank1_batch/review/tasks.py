@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..ir.qrels import pair_keys
 from ..model.prompt import query_text
 from .scored import Scale, ScoredRun
 
-KEY = ["query_id", "doc_id"]
 ORDERS = ("uncertainty", "disagreement")
 # The names that tie a task's prediction and annotations to the labeling configuration.
 FROM_NAME = "relevance"
@@ -46,26 +46,24 @@ def uncertainty(pairs: pa.Table, boundaries: Sequence[float]) -> tuple[np.ndarra
 
 def disagreeing(pairs: pa.Table, judgments: pa.Table, relevance_cut: int) -> np.ndarray:
     """Which pairs' label differs from the qrels' `relevance >= relevance_cut` (unjudged pairs do not)."""
-    indexed = pairs.select([*KEY, "label"]).append_column("_position", pa.array(np.arange(pairs.num_rows)))
-    joined = indexed.join(judgments.select([*KEY, "relevance"]), KEY, join_type="inner")
-    differs = joined.filter(pc.not_equal(joined["label"], pc.greater_equal(joined["relevance"], relevance_cut)))
-    mask = np.zeros(pairs.num_rows, bool)
-    mask[differs["_position"].to_numpy()] = True
-    return mask
+    relevance = judgments["relevance"].take(pc.index_in(pair_keys(pairs), value_set=pair_keys(judgments)))
+    differs = pc.not_equal(pairs["label"], pc.greater_equal(relevance, relevance_cut))
+    return pc.fill_null(differs, False).to_numpy(zero_copy_only=False)
 
 
 def ordered(pairs: pa.Table, boundaries: Sequence[float], disagrees: np.ndarray | None = None) -> pa.Table:
     """The pairs in review order (see the module's docstring)."""
     agreement, distance = uncertainty(pairs, boundaries)
-    keys = pa.table({"agreement": agreement, "distance": distance, **{name: pairs[name] for name in KEY}})
-    sort_keys = [("agreement", "ascending"), ("distance", "ascending"), *((name, "ascending") for name in KEY)]
+    keys = pa.table({"agreement": agreement, "distance": distance, "query_id": pairs["query_id"],
+                     "doc_id": pairs["doc_id"]})
+    sort_keys = [(name, "ascending") for name in keys.column_names]
     if disagrees is not None:
         keys = keys.append_column("agrees", pa.array(~disagrees))
         sort_keys.insert(0, ("agrees", "ascending"))
     return pairs.take(pc.sort_indices(keys, sort_keys))
 
 
-def order_text(run: ScoredRun, sampled: bool, disagreeing: int | None = None, qrels_url: str | None = None,
+def order_text(run: ScoredRun, sampled: bool, disagreements: int | None = None, qrels_url: str | None = None,
                relevance_cut: int | None = None) -> str:
     """The review order in words: "lowest agreement first, then nearest the threshold 0.5"."""
     boundary = (f"a grade's cut point ({', '.join(f'{cut:g}' for cut in run.cuts)})" if run.graded
@@ -73,8 +71,8 @@ def order_text(run: ScoredRun, sampled: bool, disagreeing: int | None = None, qr
     parts = [f"nearest {boundary}"]
     if sampled:
         parts.insert(0, "lowest agreement")
-    if disagreeing is not None:
-        parts.insert(0, f"the {disagreeing:,} whose label disagrees with {qrels_url} (relevance >= {relevance_cut} "
+    if disagreements is not None:
+        parts.insert(0, f"the {disagreements:,} whose label disagrees with {qrels_url} (relevance >= {relevance_cut} "
                         "is relevant)")
     return " first, then ".join(parts[:2]) + "".join(f", then {part}" for part in parts[2:])
 
@@ -94,7 +92,7 @@ def tasks(pairs: pa.Table, run: ScoredRun) -> list[dict]:
             "title": row["title"] or "",
             "text": row["text"],
             "reasoning": row["reasoning"] or "",
-            **{name: row[name] for name in (*KEY, "score", "label", "grade", "agreement", "outcome")},
+            **{name: row[name] for name in ("query_id", "doc_id", "score", "label", "grade", "agreement", "outcome")},
             "model": run.model,
             "output": run.url,
         }
