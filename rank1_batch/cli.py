@@ -21,8 +21,8 @@ from .ir.export import export_command
 from .ir.labels import agreement_command, calibrate_command
 from .ir.prepare import prepare_command
 from .ir.qrels import qrels_command
-from .ir.report import report_command
 from .model.encoding import ContextTooShort
+from .report.summary import report_command
 from .review.commands import review_group
 from .run.scoring import EngineStartError
 from .schema import InputError

@@ -8,13 +8,20 @@ import pytest
 from click.testing import CliRunner
 
 from rank1_batch.config import JobConfig, RunConfig
-from rank1_batch.ir.report import duration, movement, report_command
-from rank1_batch.ir.report_plots import integer_bins
 from rank1_batch.output.commits import read_committed
 from rank1_batch.output.storage import Output
+from rank1_batch.report.plots import integer_bins
+from rank1_batch.report.summary import duration, movement, report_command
 from rank1_batch.run.finish import ThisRun, write_manifest
-from rank1_batch.schema import (INPUT_SCHEMA, RANKED_SCHEMA, REASON, SCORES_SCHEMA, TRACES_SCHEMA, UNSCORED_SCHEMA,
-                                conform)
+from rank1_batch.schema import (
+    INPUT_SCHEMA,
+    RANKED_SCHEMA,
+    REASON,
+    SCORES_SCHEMA,
+    TRACES_SCHEMA,
+    UNSCORED_SCHEMA,
+    conform,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BUDGET = 4096

@@ -5,7 +5,7 @@ given qrels, effectiveness against the first stage and how far the labels agree 
 Written under report/ in the output: report.md beside the PNGs it links, so the folder reads the
 same wherever it is viewed or copied.
 
-The statistics and the markdown, one function a section, are pure; the plots (report_plots.py)
+The statistics and the markdown, one function a section, are pure; the plots (plots.py)
 turn arrays into PNG bytes; only the command reads and writes the output.
 """
 
@@ -20,15 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import RunConfig
+from ..ir.agreement import Agreement, Judged, agreement, judged_pairs
+from ..ir.evaluate import DEFAULT_METRICS, evaluate, judged_queries, read_qrels, run_from_ranks
+from ..ir.labels import value_text
 from ..model.judgement import OUTCOMES
 from ..output.layout import MANIFEST
 from ..output.storage import Output
 from ..schema import RANKED_SCHEMA, SCORES_SCHEMA
-from .agreement import Agreement, Judged, agreement, judged_pairs
-from .evaluate import DEFAULT_METRICS, evaluate, judged_queries, read_qrels, run_from_ranks
-from .labels import value_text
-from .report_plots import (plot_confusion, plot_movement, plot_outcomes, plot_reasoning, plot_sample_agreement,
-                           plot_scores)
+from .plots import plot_confusion, plot_movement, plot_outcomes, plot_reasoning, plot_sample_agreement, plot_scores
 
 REPORT_DIR = "report"
 REPORT = "report.md"

@@ -11,7 +11,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
-from .agreement import Agreement
+from ..ir.agreement import Agreement
 
 # One colour per outcome in every plot, so that the plots read together.
 OUTCOME_COLOURS = {"answered": "tab:blue", "forced": "tab:orange", "fallback": "tab:gray"}
