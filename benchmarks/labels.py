@@ -24,9 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rank1_batch.config import JobConfig
-from rank1_batch.ir.agreement import grades
 from rank1_batch.output.checkpoint import identity
-from rank1_batch.schema import SCORES_SCHEMA, TRACES_SCHEMA, conform
+from rank1_batch.schema import SCORES_SCHEMA, TRACES_SCHEMA, conform, grades
 
 VOCABULARY = [f"w{number}" for number in range(5000)]
 CUTS = (0.1, 0.5, 0.9)

@@ -423,10 +423,12 @@ def commit_shard(job, batch_size: int, shard: Path) -> None:
     """A shard's pairs committed in batches of `batch_size`, each scored with the stand-in's
     generation and written by `commits.write_results`, as a run's engine actor writes it."""
     import pyarrow.parquet as pq
+
     from rank1_batch.model.encoding import EncodedPrompt
+    from rank1_batch.model.scorer import pair_score
     from rank1_batch.output import commits
-    from rank1_batch.run import prompts, scoring
     from rank1_batch.output.storage import Output, content_name
+    from rank1_batch.run import prompts, scoring
     from rank1_batch.schema import conform, to_contract
 
     output = Output(job.run.output, job.run)
@@ -435,8 +437,8 @@ def commit_shard(job, batch_size: int, shard: Path) -> None:
     encoded = EncodedPrompt([0] * PROMPT_TOKENS, truncated=False)
     for start in range(0, pairs.num_rows, batch_size):
         batch = conform(pairs.slice(start, batch_size), prompts.PROMPTS_SCHEMA)
-        scored, errors = scoring.score_table(batch, [encoded] * batch.num_rows, [[generation]] * batch.num_rows,
-                                            job.scoring)
+        judged = pair_score([generation], encoded, job.scoring.threshold)
+        scored, errors = scoring.score_table(batch, [judged] * batch.num_rows, job.scoring)
         commits.write_results(scored, errors, content_name(batch["query_id"], batch["doc_id"]), job, output, True)
 
 

@@ -62,9 +62,9 @@ def engine_options(command):
                      help="Three cut points of the score in [0, 1], increasing: each pair also gets a grade, 0 to 3, "
                           "the number of cut points at or below its score."),
         click.option("--aggregate", type=click.Choice(AGGREGATES),
-                     help="How a pair's samples become its label and grade: `mean` (default), the mean P(true) at "
-                          "--threshold and --grades; `mode`, the most common of the samples' own labels and grades, "
-                          "a tie going to the lower."),
+                     help="How a pair's samples become its label and grade: `mean` (default), the label most samples "
+                          "give (a tie to the mean P(true)'s side) and the grade of the mean P(true); `mode`, the most "
+                          "common of the samples' own labels and grades, a tie going to the lower."),
         click.option("--task-template", help="Template with FILL_QUERY_HERE wrapping each query."),
         click.option("--scorer", type=click.Choice(SCORERS),
                      help="`rank1` reasons, then answers (default); `cross-encoder` reads each pair once through a "

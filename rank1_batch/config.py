@@ -26,9 +26,9 @@ DEFAULT_CROSS_ENCODER_TEMPLATE = "pair"
 # budget to what is left, as the public reference does; `budget` cuts the passage so that the
 # whole budget fits.
 FIT_POLICIES = ("reference", "budget")
-# How a pair's samples become its label and grade: `mean`, the mean P(true) at the threshold and
-# cut points (a tie of votes goes to the mean's side); `mode`, the most common among the samples'
-# own labels and grades, a tie going to the lower, as UMBRELA's ensemble breaks ties.
+# How a pair's samples become its label and grade: `mean`, the label most samples give (a tie of
+# votes going to the mean P(true)'s side) and the grade of the mean P(true); `mode`, the most common
+# of the samples' own labels and grades, a tie going to the lower, as UMBRELA's ensemble breaks ties.
 AGGREGATES = ("mean", "mode")
 DEFAULT_FIT = "reference"
 DEVICES = ("auto", "gpu", "cpu")

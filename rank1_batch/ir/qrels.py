@@ -42,9 +42,8 @@ SOURCES = ("human", "model", "human-review")
 FORMS = ("trec", "rag")
 PROVENANCE_SUFFIX = ".provenance.parquet"
 LINES_AT_ONCE = 1_000_000
-# TREC RAG's six columns for a human judgment, which has no model confidence or run.
+# TREC RAG's confidence of a person's judgment.
 HUMAN_CONFIDENCE = 1.0
-HUMAN_RUN = "human"
 
 
 def provenance_url(qrels_url: str) -> str:
@@ -92,9 +91,10 @@ def merge(preferred: pa.Table, rest: pa.Table, preferred_name: str, rest_name: s
     return pa.concat_tables([preferred, holes.select(preferred.column_names).cast(preferred.schema)])
 
 
-def qrels_text(qrels: pa.Table, form: str = "trec") -> bytes:
+def qrels_text(qrels: pa.Table, form: str = "trec", run_tag: str = "rank1") -> bytes:
     """The lines of qrels, sorted by query and passage: `qid 0 docid rel`, or for `rag` TREC RAG's
-    `qid Q0 docid judgment confidence runid`, from the `confidence` and `run` columns."""
+    `qid Q0 docid judgment confidence runid` from their provenance: a model's label has P(true) as
+    its confidence and `run_tag` as its run; a person's, confidence 1 and its source as its run."""
     if form not in FORMS:
         raise QrelsError(f"--format {form!r}: expected {' or '.join(FORMS)}")
     qrels = qrels.sort_by([(name, "ascending") for name in KEY])
@@ -102,8 +102,10 @@ def qrels_text(qrels: pa.Table, form: str = "trec") -> bytes:
     if form == "trec":
         fields = [qrels["query_id"], "0", qrels["doc_id"], relevance]
     else:
-        fields = [qrels["query_id"], "Q0", qrels["doc_id"], relevance, pc.cast(qrels["confidence"], pa.string()),
-                  qrels["run"]]
+        by_model = pc.equal(qrels["source"], "model")
+        confidence = pc.if_else(by_model, qrels["model_score"], HUMAN_CONFIDENCE)
+        fields = [qrels["query_id"], "Q0", qrels["doc_id"], relevance, pc.cast(confidence, pa.string()),
+                  pc.if_else(by_model, run_tag, qrels["source"])]
     lines = pc.binary_join_element_wise(*fields, " ")
     if lines.null_count:
         raise QrelsError("a pair without a relevance (or, in TREC RAG's form, a confidence) cannot be written")
@@ -121,10 +123,11 @@ def _text_of(lines: pa.ChunkedArray) -> list[bytes]:
     return texts
 
 
-def write_qrels(qrels: pa.Table, url: str, storage_options: dict | None = None, form: str = "trec") -> None:
-    """Qrels to `url`, and when `qrels` has PROVENANCE_SCHEMA's columns, their provenance beside
-    it (`provenance_url`), as Parquet. Both are made before either is written."""
-    text = qrels_text(qrels, form)
+def write_qrels(qrels: pa.Table, url: str, storage_options: dict | None = None, form: str = "trec",
+                run_tag: str = "rank1") -> None:
+    """Qrels to `url` (see `qrels_text`), and when `qrels` has PROVENANCE_SCHEMA's columns, their
+    provenance beside it (`provenance_url`), as Parquet. Both are made before either is written."""
+    text = qrels_text(qrels, form, run_tag)
     provenance = None
     if set(PROVENANCE_SCHEMA.names) <= set(qrels.column_names):
         provenance = qrels.select(PROVENANCE_SCHEMA.names).cast(PROVENANCE_SCHEMA)
@@ -138,7 +141,7 @@ def write_qrels(qrels: pa.Table, url: str, storage_options: dict | None = None, 
 
 def model_qrels(scores: pa.Table, recorded_job: dict, output_url: str) -> pa.Table:
     """A run's labels as qrels with their provenance: the grade where the run has grades, else the
-    label as 0/1; P(true) as the confidence and the run's tag as TREC RAG's run."""
+    label as 0/1."""
     graded = recorded_job["scoring"].get("grades") is not None
     relevance = scores["grade"] if graded else pc.cast(scores["label"], pa.int64())
     if relevance.null_count:
@@ -153,15 +156,19 @@ def model_qrels(scores: pa.Table, recorded_job: dict, output_url: str) -> pa.Tab
         template_sha256=hashlib.sha256(template.encode()).hexdigest(), sampling=json.dumps(sampling, sort_keys=True),
         aggregate=scoring.get("aggregate", "mean"), output=output_url, model_relevance=relevance,
         model_score=scores["score"],
-    ).append_column("confidence", scores["score"]).append_column(
-        "run", pa.array([recorded_job["run"].get("run_tag", "rank1")] * scores.num_rows, pa.string()))
+    )
 
 
-def human_qrels(url: str, storage_options: dict | None) -> pa.Table:
-    """Given qrels as human judgments with their provenance (and TREC RAG's confidence and run)."""
-    qrels = with_provenance(read_qrels_table(url, storage_options), "human", output=url)
-    return (qrels.append_column("confidence", pa.array([HUMAN_CONFIDENCE] * qrels.num_rows, pa.float64()))
-            .append_column("run", pa.array([HUMAN_RUN] * qrels.num_rows, pa.string())))
+def read_with_provenance(url: str, storage_options: dict | None) -> pa.Table:
+    """Given qrels with PROVENANCE_SCHEMA's columns: each judgment's own from the provenance file
+    beside them (qrels rank1-batch wrote), else as a person's (`human`) judgments of that file."""
+    qrels = read_qrels_table(url, storage_options)
+    written = read_provenance(url, storage_options)
+    if written is None:
+        return with_provenance(qrels, "human", output=url)
+    described = written.take(pc.index_in(pair_keys(qrels), value_set=pair_keys(written)))
+    return pa.table([qrels[name] if name in QRELS_COLUMNS else described[name] for name in PROVENANCE_SCHEMA.names],
+                    schema=PROVENANCE_SCHEMA)
 
 
 @click.command("qrels")
@@ -169,9 +176,11 @@ def human_qrels(url: str, storage_options: dict | None) -> pa.Table:
 @click.option("--to", "target", required=True, metavar="FILE", help="The qrels file to write (any fsspec URL).")
 @click.option("--format", "form", type=click.Choice(FORMS), default="trec", show_default=True,
               help="`trec`: `qid 0 docid rel`; `rag`: TREC RAG's `qid Q0 docid judgment confidence runid`, with "
-                   "P(true) as the confidence (1 for a human judgment, whose run is `human`).")
+                   "P(true) as the confidence and the run's tag as its run (for a person's judgment, 1 and `human` "
+                   "or `human-review`).")
 @click.option("--merge", "merge_url", metavar="HUMAN_QRELS",
-              help="Human qrels to merge with: a human judgment wins, the run's labels fill the holes.")
+              help="Human qrels to merge with: a human judgment wins, the run's labels fill the holes. Qrels "
+                   "rank1-batch wrote keep the provenance beside them.")
 @s3_options
 def qrels_command(output_url, target, form, merge_url, s3_endpoint_url, s3_profile):
     """Write a run's labels as TREC qrels (its grades when it has them, else its labels as 0/1),
@@ -185,8 +194,8 @@ def qrels_command(output_url, target, form, merge_url, s3_endpoint_url, s3_profi
         qrels = model_qrels(read_labels(output), recorded, output_url)
         from_model = qrels.num_rows
         if merge_url:
-            qrels = merge(human_qrels(merge_url, storage_options(merge_url, storage)), qrels, merge_url, output_url)
-        write_qrels(qrels, target, storage_options(target, storage), form)
+            qrels = merge(read_with_provenance(merge_url, storage_options(merge_url, storage)), qrels, merge_url, output_url)
+        write_qrels(qrels, target, storage_options(target, storage), form, recorded["run"].get("run_tag", "rank1"))
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error)) from None
     filled = pc.sum(pc.equal(qrels["source"], "model")).as_py() or 0

@@ -7,19 +7,27 @@ from collections import Counter
 
 import click
 import fsspec
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..cli_options import s3_options
 from ..config import RunConfig
-from ..ir.evaluate import QRELS_COLUMNS, read_qrels_table
+from ..ir.evaluate import read_qrels_table
 from ..ir.export import input_texts
 from ..ir.labels import matrix, relevance_cut_option, value_text
-from ..ir.qrels import KEY, PROVENANCE_SCHEMA, human_qrels, merge, pair_keys, read_provenance, write_qrels
+from ..ir.qrels import KEY, merge, pair_keys, read_with_provenance, write_qrels
 from ..output.storage import Output, storage_options
 from ..schema import TRACES_SCHEMA
-from .decisions import (ExportError, Review, ReviewAgreement, decide, provenance, read_export, review_agreement,
-                        reviews, unknown_pairs)
+from .decisions import (
+    ExportError,
+    Review,
+    ReviewAgreement,
+    decide,
+    provenance,
+    read_export,
+    review_agreement,
+    reviews,
+    unknown_pairs,
+)
 from .scored import read_scored_run
 from .tasks import ORDERS, config_url, disagreeing, label_config, order_text, ordered, tasks
 
@@ -100,18 +108,6 @@ def named(found: list[Review]) -> str:
     return shown + (f" and {len(found) - NAMED:,} more" if len(found) > NAMED else "")
 
 
-def with_its_provenance(qrels_url: str, options: dict) -> pa.Table:
-    """Qrels with PROVENANCE_SCHEMA's columns: each judgment's from the provenance beside them
-    (null where it has none), else as given (`human`) judgments of that file."""
-    written = read_provenance(qrels_url, options)
-    if written is None:
-        return human_qrels(qrels_url, options)
-    qrels = read_qrels_table(qrels_url, options)
-    described = written.take(pc.index_in(pair_keys(qrels), value_set=pair_keys(written)))
-    return pa.table([qrels[name] if name in QRELS_COLUMNS else described[name] for name in PROVENANCE_SCHEMA.names],
-                    schema=PROVENANCE_SCHEMA)
-
-
 @review_group.command("import")
 @click.argument("export_url", metavar="EXPORT.json")
 @click.option("--to", "target", required=True, metavar="QRELS",
@@ -143,7 +139,7 @@ def import_command(export_url, target, run_url, merge_url, s3_endpoint_url, s3_p
         reviewed = provenance(decided.decisions, run)
         qrels = reviewed
         if merge_url:
-            qrels = merge(reviewed, with_its_provenance(merge_url, storage_options(merge_url, storage)),
+            qrels = merge(reviewed, read_with_provenance(merge_url, storage_options(merge_url, storage)),
                           export_url, merge_url)
         write_qrels(qrels, target, storage_options(target, storage))
     except (ValueError, OSError) as error:
