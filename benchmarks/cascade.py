@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rank1_batch.config import TINY_CROSS_ENCODER_DIR, EngineConfig, job_logging
-from rank1_batch.ir.prepare import from_rankllm
+from rank1_batch.ir.input_files import from_rankllm
 from rank1_batch.model.cross_encoder import CrossEncoderScorer
 from rank1_batch.model.scorer import Rank1Scorer
 from rank1_batch.run.ranking import rank

@@ -37,7 +37,8 @@ def committed(output: Path) -> int:
 @click.option("--budget", type=int, default=128, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 def main(data: str, top: int, budget: int, batch_size: int) -> None:
-    from rank1_batch.ir.prepare import from_rankllm, write_shards
+    from rank1_batch.ir.input_files import from_rankllm
+    from rank1_batch.ir.prepare import write_shards
 
     work = Path(tempfile.mkdtemp(prefix="rank1-kill-"))
     pairs = from_rankllm(data)

@@ -34,7 +34,8 @@ from score_store import batch_rows
 from throughput import DEFAULT_DATA, engine_ready, run_process
 
 from rank1_batch.config import JobConfig
-from rank1_batch.ir.prepare import from_rankllm, write_shards
+from rank1_batch.ir.input_files import from_rankllm
+from rank1_batch.ir.prepare import write_shards
 from rank1_batch.model.encoding import PromptEncoder
 from rank1_batch.store.keys import model_fingerprint, result_identity, store_keys
 from rank1_batch.store.score_store import ScoreStore

@@ -233,8 +233,9 @@ def main(context, data, top, input_dir, workload, pairs, seed, model, budget, ma
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from rank1_batch.ir.input_files import from_rankllm
+    from rank1_batch.ir.prepare import write_shards
     from rank1_batch.model.engine import set_cpu_cache_space
-    from rank1_batch.ir.prepare import from_rankllm, write_shards
 
     if input_dir and workload:
         raise click.UsageError("--input and --workload are two sources of pairs: give one")

@@ -3,6 +3,7 @@ authenticated head is tested in test_submit.py, beside the head it starts."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from rank1_batch.cluster.connection import (
-    CONNECT_TIMEOUT_SECONDS, ClusterError, is_own_cluster, ray_address, reachable, token_source,
+    CONNECT_TIMEOUT_SECONDS, ClusterError, RayNotices, is_own_cluster, ray_address, reachable, token_source,
 )
 from rank1_batch.config import RunConfig
 
@@ -153,3 +154,16 @@ def test_auto_fails_fast_on_a_stale_recorded_cluster(stale_recorded_cluster, clo
     assert result.returncode == 1, result.stderr
     assert f":{closed_port}" in error_line(result)
     assert seconds < CONNECT_TIMEOUT_SECONDS + EXIT_SECONDS
+
+
+@pytest.mark.parametrize("name, level, message, shown", [
+    ("ray.data._internal.execution.streaming_executor", logging.INFO, "Starting execution of Dataset d_0", False),
+    ("ray.data._internal.progress", logging.WARNING, "Progress bars disabled. To enable, set ...", False),
+    ("ray._private.authentication.authentication_token_setup", logging.WARNING,
+     "Token authentication is enabled for this Ray cluster.", False),
+    ("ray.data._internal.execution.resource_manager", logging.WARNING, "Cluster resources are not enough", True),
+    ("ray._private.worker", logging.ERROR, "A worker died or was killed", True),
+])
+def test_ray_notices_leave_out_only_what_a_user_does_not_act_on(name, level, message, shown):
+    record = logging.LogRecord(name, level, __file__, 1, message, None, None)
+    assert RayNotices().filter(record) is shown

@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from rank1_batch.ir.input_files import PREPARED_SCHEMA
 from rank1_batch.ir.pool import POOL_SCHEMA, build_pool, read_run_table, read_runs
-from rank1_batch.ir.prepare import PREPARED_SCHEMA, prepare_command
+from rank1_batch.ir.prepare import prepare_command
 
 TOPICS = {"1": "how long do fleas live", "2": "wifi vs bluetooth"}
 PASSAGES = {"d1": "Fleas live up to a year.", "d2": "A flea cycle lasts 20 days.", "d3": "Fleas jump.",

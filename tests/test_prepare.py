@@ -1,21 +1,13 @@
 import json
 
 import fsspec
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from rank1_batch.ir.prepare import (
-    PREPARED_SCHEMA,
-    PrepareError,
-    from_rankllm,
-    from_trec,
-    prepare_command,
-    shard_slices,
-    write_shards,
-)
+from rank1_batch.ir.input_files import PREPARED_SCHEMA, PrepareError, from_rankllm
+from rank1_batch.ir.prepare import from_trec, prepare_command, shard_slices, write_shards
 
 TOPICS = {"1": "how long do fleas live", "2": "wifi vs bluetooth"}
 PASSAGES = {

@@ -5,6 +5,7 @@ waiting or exiting 0 on a broken night."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import socket
 import subprocess
@@ -49,6 +50,14 @@ def finished_demo(tmp_path_factory) -> Path:
     made = [path for path in here.iterdir() if path.name.startswith("rank1-demo-")]
     assert len(made) == 1 and (made[0] / "_manifest.json").exists()
     assert (here / "notes.txt").read_text() == "mine"
+    # What a first run shows is the user's: none of Ray's notices about itself
+    for notice in ("core_worker", "constructor arguments", "Token authentication", "Progress bars disabled"):
+        assert notice not in finished.stderr, finished.stderr[-3000:]
+    # and the next step it prints works as printed
+    report = next(line.strip() for line in finished.stdout.splitlines() if line.startswith("  ") and " report " in line)
+    reported = subprocess.run(shlex.split(report), capture_output=True, text=True, cwd=here, timeout=300)
+    assert reported.returncode == 0 and (made[0] / "report" / "report.md").exists(), reported.stderr[-3000:]
+    shutil.rmtree(made[0] / "report")
     return made[0]
 
 

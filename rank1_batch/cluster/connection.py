@@ -140,11 +140,11 @@ class RayNotices(logging.Filter):
 
 
 def quiet_ray() -> None:
-    """Without --verbose, leave out Ray's notices (`RayNotices`) on the terminal (its session's log
-    files keep them), and its C++ components' log lines below fatal: among them, an error-level line at every engine actor's
-    creation that its constructor's arguments are in the object store while it may be restarted,
-    which holds for every Ray Data actor pool (Ray Data puts its stage there) and is no fault. An
-    explicit RAY_BACKEND_LOG_LEVEL is kept."""
+    """Without --verbose, leave Ray's notices (`RayNotices`) off the terminal (Ray's own log files
+    keep them), and its C++ components' log lines below fatal: among them an error-level line, at
+    every engine actor's creation, that its constructor's arguments are in the object store while
+    it may be restarted, which holds for every Ray Data actor pool (Ray Data puts its stage there)
+    and is no fault. An explicit RAY_BACKEND_LOG_LEVEL is kept."""
     import ray.data  # noqa: F401  (sets up the ray.data logger's handlers)
 
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as csv
 
 from .evaluate import QrelsError, read_qrels_table
-from .prepare import PrepareError, _at, _lines, parse_run_line
+from .input_files import PrepareError, at_place, numbered_lines, parse_run_line
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ def read_run_table(path: str) -> pa.Table:
     try:
         return _read_whitespaced(data)
     except (pa.ArrowInvalid, ValueError) as problem:
-        for number, line in _lines(path):
-            with _at(path, f"line {number}"):
+        for number, line in numbered_lines(path):
+            with at_place(path, f"line {number}"):
                 parse_run_line(line)
         # Every line reads as Python reads it, yet Arrow refused a value (a rank such as '+5').
         raise PrepareError(f"{path}: not a TREC run 'qid Q0 docid rank score tag' ({problem})") from None
@@ -152,7 +152,7 @@ def read_runs(paths: Iterable[str]) -> list[Run]:
 
 def _line_where(path: str, test: Callable[[list[str]], bool]) -> int:
     """The number of the first line whose fields pass `test`; only a refused row comes here."""
-    return next(number for number, line in _lines(path) if test(line.split()))
+    return next(number for number, line in numbered_lines(path) if test(line.split()))
 
 
 def where(runs: list[Run], depth: int | None, query_id: str, doc_id: str | None = None, occurrence: int = 1) -> str:
