@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from ..cli_options import s3_options
 from ..config import RunConfig
 from ..model.prompt import LABEL_FALSE, LABEL_TRUE, THINK_CLOSE, THINK_OPEN, passage_text, prompt_body, query_text
-from ..output.layout import JOB_FILE
+from ..output.checkpoint import NotAnOutput, recorded_identity
 from ..output.parallel_reads import in_parallel
 from ..output.storage import Output, list_input_files, read_footer, storage_options
 from ..schema import SCORES_SCHEMA, TRACES_SCHEMA, source_columns, to_contract
@@ -97,10 +97,11 @@ def export_command(output_url, target, inputs, qrels_url, relevance_cut, answere
     """Write a run's traces as chat-messages training examples (JSONL) to --to."""
     storage = RunConfig(s3_endpoint_url=s3_endpoint_url, s3_profile=s3_profile)
     output = Output(output_url, storage)
-    if not output.exists(JOB_FILE):
-        raise click.ClickException(f"{output_url}: no {JOB_FILE}, so not a rank1-batch output")
-    recorded = json.loads(output.fs.cat_file(output.path(JOB_FILE)))
-    if recorded["scoring"].get("scorer", "rank1") != "rank1":
+    try:
+        recorded = recorded_identity(output)
+    except NotAnOutput as error:
+        raise click.ClickException(str(error)) from None
+    if recorded["scoring"]["scorer"] != "rank1":
         raise click.ClickException(f"{output_url} was scored by a {recorded['scoring']['scorer']}, which writes no "
                                    "reasoning to export")
     dropped: dict[str, int] = {}

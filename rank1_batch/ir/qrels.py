@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from ..cli_options import s3_options
 from ..config import GREEDY, RunConfig
 from ..model.prompt import prompt_body, query_text
-from ..output.layout import JOB_FILE
+from ..output.checkpoint import NotAnOutput, recorded_identity
 from ..output.storage import Output, storage_options
 from .evaluate import QRELS_COLUMNS, QRELS_SCHEMA, QrelsError, read_qrels_table
 from .labels import read_labels
@@ -139,22 +139,22 @@ def write_qrels(qrels: pa.Table, url: str, storage_options: dict | None = None, 
         pq.write_table(provenance, path, filesystem=fs)
 
 
-def model_qrels(scores: pa.Table, recorded_job: dict, output_url: str) -> pa.Table:
-    """A run's labels as qrels with their provenance: the grade where the run has grades, else the
-    label as 0/1."""
-    graded = recorded_job["scoring"].get("grades") is not None
+def model_qrels(scores: pa.Table, recorded: dict, output_url: str) -> pa.Table:
+    """A run's labels as qrels with their provenance (from `recorded`, the run's recorded identity):
+    the grade where the run has grades, else the label as 0/1."""
+    graded = recorded["scoring"]["grades"] is not None
     relevance = scores["grade"] if graded else pc.cast(scores["label"], pa.int64())
     if relevance.null_count:
         raise QrelsError(f"{output_url}: {relevance.null_count} scored pairs have no "
                          f"{'grade' if graded else 'label'} to write as a relevance")
-    engine, scoring = recorded_job["engine"], recorded_job["scoring"]
-    template = prompt_body(query_text("{query}", None, scoring.get("task_template")), "{passage}")
-    sampling = {name: engine.get(name, default) for name, default in GREEDY.items()}
+    engine, scoring = recorded["engine"], recorded["scoring"]
+    template = prompt_body(query_text("{query}", None, scoring["task_template"]), "{passage}")
+    sampling = {name: engine[name] for name in GREEDY}
     qrels = pa.table({"query_id": scores["query_id"], "doc_id": scores["doc_id"], "relevance": relevance})
     return with_provenance(
         qrels, "model", model=engine["model"], template=template,
         template_sha256=hashlib.sha256(template.encode()).hexdigest(), sampling=json.dumps(sampling, sort_keys=True),
-        aggregate=scoring.get("aggregate", "mean"), output=output_url, model_relevance=relevance,
+        aggregate=scoring["aggregate"], output=output_url, model_relevance=relevance,
         model_score=scores["score"],
     )
 
@@ -188,15 +188,13 @@ def qrels_command(output_url, target, form, merge_url, s3_endpoint_url, s3_profi
     storage = RunConfig(s3_endpoint_url=s3_endpoint_url, s3_profile=s3_profile)
     output = Output(output_url, storage)
     try:
-        if not output.exists(JOB_FILE):
-            raise QrelsError(f"{output_url}: no {JOB_FILE}, so not a rank1-batch output")
-        recorded = json.loads(output.fs.cat_file(output.path(JOB_FILE)))
+        recorded = recorded_identity(output)
         qrels = model_qrels(read_labels(output), recorded, output_url)
         from_model = qrels.num_rows
         if merge_url:
             qrels = merge(read_with_provenance(merge_url, storage_options(merge_url, storage)), qrels, merge_url, output_url)
         write_qrels(qrels, target, storage_options(target, storage), form, recorded["run"].get("run_tag", "rank1"))
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, NotAnOutput) as error:
         raise click.ClickException(str(error)) from None
     filled = pc.sum(pc.equal(qrels["source"], "model")).as_py() or 0
     merged = f" ({qrels.num_rows - filled:,} human judgments, {filled:,} of the run's labels filling holes)" \

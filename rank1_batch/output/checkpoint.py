@@ -53,8 +53,12 @@ def identity(job: JobConfig) -> dict:
 
 
 def recorded_identity(output: Output) -> dict:
-    """The identity in an output's `_job.json`, with options it predates filled in as they ran."""
-    recorded = json.loads(output.fs.cat_file(output.path(JOB_FILE)))
+    """The identity in an output's `_job.json`, with options it predates filled in as they ran;
+    NotAnOutput when it has none."""
+    try:
+        recorded = json.loads(output.fs.cat_file(output.path(JOB_FILE)))
+    except FileNotFoundError:
+        raise NotAnOutput(f"{output.url}: no {JOB_FILE}, so not a rank1-batch output") from None
     for part, defaults in _BEFORE_OPTION.items():
         recorded[part] = {**defaults, **recorded.get(part, {})}
     return recorded

@@ -15,6 +15,7 @@ from ..ir.evaluate import read_qrels_table
 from ..ir.export import input_texts
 from ..ir.labels import matrix, relevance_cut_option, value_text
 from ..ir.qrels import KEY, merge, pair_keys, read_with_provenance, write_qrels
+from ..output.checkpoint import NotAnOutput
 from ..output.storage import Output, storage_options
 from ..schema import TRACES_SCHEMA
 from .decisions import (
@@ -69,7 +70,7 @@ def export_command(output_url, target, limit, order, qrels_url, relevance_cut, a
                            s3_endpoint_url=s3_endpoint_url, s3_profile=s3_profile)
         texts, _ = input_texts(source)
         traces = Output(output_url, storage).read("traces", TRACES_SCHEMA.names, TRACES_SCHEMA)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, NotAnOutput) as error:
         raise click.ClickException(str(error)) from None
     pairs, left_out = run.scores, {}
     if answered_only:
@@ -142,7 +143,7 @@ def import_command(export_url, target, run_url, merge_url, s3_endpoint_url, s3_p
             qrels = merge(reviewed, read_with_provenance(merge_url, storage_options(merge_url, storage)),
                           export_url, merge_url)
         write_qrels(qrels, target, storage_options(target, storage))
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, NotAnOutput) as error:
         raise click.ClickException(str(error)) from None
     merged = f", merged into {merge_url}'s for {qrels.num_rows:,} judgments" if merge_url else ""
     lines = [f"{len(found):,} tasks of {len(pairs):,} pairs read from {export_url}; {reviewed.num_rows:,} decisions "

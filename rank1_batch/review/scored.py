@@ -4,7 +4,6 @@ or not relevant."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -12,7 +11,7 @@ import pyarrow as pa
 
 from ..config import RunConfig
 from ..ir.labels import read_labels
-from ..output.layout import JOB_FILE
+from ..output.checkpoint import recorded_identity
 from ..output.storage import Output
 
 GRADES = ("0", "1", "2", "3")
@@ -75,11 +74,9 @@ class ScoredRun:
 
 
 def read_scored_run(url: str, storage: RunConfig, extra: Sequence[str] = ()) -> ScoredRun:
-    """The run at `url` with the `extra` columns of scores/; ValueError if it is not one."""
+    """The run at `url` with the `extra` columns of scores/; NotAnOutput if it is not one."""
     output = Output(url, storage)
-    if not output.exists(JOB_FILE):
-        raise ValueError(f"{url}: no {JOB_FILE}, so not a rank1-batch output")
-    job = json.loads(output.fs.cat_file(output.path(JOB_FILE)))
+    job = recorded_identity(output)
     cuts = job["scoring"].get("grades")
     return ScoredRun(
         url=output.fs.unstrip_protocol(output.root),
