@@ -17,7 +17,7 @@ from rank1_batch.ir.evaluate import read_qrels
 from rank1_batch.ir.qrels import read_provenance
 from rank1_batch.model.judgement import consensus
 from rank1_batch.output.checkpoint import ConfigurationChanged, check_output, identity
-from rank1_batch.output.layout import JOB_FILE
+from rank1_batch.output.layout import JOB_FILE, MANIFEST
 from rank1_batch.output.storage import Output
 from rank1_batch.schema import SCORES_SCHEMA, conform, pair_grades
 
@@ -40,7 +40,9 @@ def write_output(directory, grades: tuple | None, task_template: str | None = No
                                            grades, "mean")})
     (directory / "scores").mkdir(parents=True)
     pq.write_table(conform(table, SCORES_SCHEMA), directory / "scores" / "part-0.parquet")
-    (directory / JOB_FILE).write_text(json.dumps(job.to_dict()))
+    # as a finished run leaves them: its identity in _job.json, the whole job in the manifest
+    (directory / JOB_FILE).write_text(json.dumps(identity(job)))
+    (directory / MANIFEST).write_text(json.dumps({"job": job.to_dict()}))
     return str(directory)
 
 

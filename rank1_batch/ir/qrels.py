@@ -17,6 +17,7 @@ from ..cli_options import s3_options
 from ..config import GREEDY, RunConfig
 from ..model.prompt import prompt_body, query_text
 from ..output.checkpoint import NotAnOutput, recorded_identity
+from ..output.layout import MANIFEST
 from ..output.storage import Output, storage_options
 from .evaluate import QRELS_COLUMNS, QRELS_SCHEMA, QrelsError, read_qrels_table
 from .labels import read_labels
@@ -171,6 +172,14 @@ def read_with_provenance(url: str, storage_options: dict | None) -> pa.Table:
                     schema=PROVENANCE_SCHEMA)
 
 
+def run_tag_of(output: Output) -> str:
+    """The run's TREC tag, from its manifest: `_job.json` keeps only the options that decide
+    results, which the tag does not. A run not yet finished has no manifest: the default tag."""
+    if not output.exists(MANIFEST):
+        return RunConfig.run_tag
+    return json.loads(output.fs.cat_file(output.path(MANIFEST)))["job"]["run"]["run_tag"]
+
+
 @click.command("qrels")
 @click.argument("output_url", metavar="OUTPUT")
 @click.option("--to", "target", required=True, metavar="FILE", help="The qrels file to write (any fsspec URL).")
@@ -193,7 +202,7 @@ def qrels_command(output_url, target, form, merge_url, s3_endpoint_url, s3_profi
         from_model = qrels.num_rows
         if merge_url:
             qrels = merge(read_with_provenance(merge_url, storage_options(merge_url, storage)), qrels, merge_url, output_url)
-        write_qrels(qrels, target, storage_options(target, storage), form, recorded["run"].get("run_tag", "rank1"))
+        write_qrels(qrels, target, storage_options(target, storage), form, run_tag_of(output))
     except (ValueError, OSError, NotAnOutput) as error:
         raise click.ClickException(str(error)) from None
     filled = pc.sum(pc.equal(qrels["source"], "model")).as_py() or 0
