@@ -205,6 +205,12 @@ def relevance_labels(scored: pa.Table, model: str, answered_only: bool) -> pa.Ta
     return conform(labels.rename_columns(["rationale" if n == "reasoning" else n for n in labels.column_names]), LABELS_SCHEMA)
 
 
+def run_relevance(scored: pa.Table, graded: bool) -> pa.ChunkedArray:
+    """A run's verdict on each scored pair as qrels relevance: its grade (0 to 3) when the run is
+    graded, else its label as 0 or 1."""
+    return scored["grade" if graded else "label"].cast(pa.int64())
+
+
 def pair_grades(scored: pa.Table, cuts: Sequence[float] | None, aggregate: str) -> pa.Array:
     """Each scored pair's grade by `aggregate`: `mean`, the grade of its score (the samples' mean);
     `mode`, the most common of its samples' own grades, a tie going to the lower (a pair with no

@@ -19,6 +19,7 @@ from ..model.prompt import prompt_body, query_text
 from ..output.checkpoint import NotAnOutput, recorded_identity
 from ..output.layout import MANIFEST
 from ..output.storage import Output, storage_options
+from ..schema import run_relevance
 from .evaluate import QRELS_COLUMNS, QRELS_SCHEMA, QrelsError, read_qrels_table
 from .labels import read_labels
 
@@ -144,7 +145,7 @@ def model_qrels(scores: pa.Table, recorded: dict, output_url: str) -> pa.Table:
     """A run's labels as qrels with their provenance (from `recorded`, the run's recorded identity):
     the grade where the run has grades, else the label as 0/1."""
     graded = recorded["scoring"]["grades"] is not None
-    relevance = scores["grade"] if graded else pc.cast(scores["label"], pa.int64())
+    relevance = run_relevance(scores, graded)
     if relevance.null_count:
         raise QrelsError(f"{output_url}: {relevance.null_count} scored pairs have no "
                          f"{'grade' if graded else 'label'} to write as a relevance")

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..schema import run_relevance
 from .agreement import DEFAULT_RELEVANCE_CUT, defined
 from .evaluate import Qrels, Run, evaluate
 
@@ -35,7 +36,7 @@ def label_qrels(scores: pa.Table) -> Labels:
     every pair has one, else the labels as 0 or 1. Pairs without a label (a raw logit's) are left
     out."""
     graded = scores.num_rows > 0 and scores["grade"].null_count == 0
-    relevance = scores["grade" if graded else "label"].cast(pa.int64())
+    relevance = run_relevance(scores, graded)
     valid = pc.is_valid(relevance)
     qrels: Qrels = {}
     for query_id, doc_id, value in zip(scores["query_id"].filter(valid).to_pylist(),

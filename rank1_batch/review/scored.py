@@ -13,6 +13,7 @@ from ..config import RunConfig
 from ..ir.labels import read_labels
 from ..output.checkpoint import recorded_identity
 from ..output.storage import Output
+from ..schema import run_relevance
 
 GRADES = ("0", "1", "2", "3")
 RELEVANT = "relevant"
@@ -70,7 +71,7 @@ class ScoredRun:
 
     def model_relevance(self, scores: pa.Table) -> pa.ChunkedArray:
         """What the model said of each pair, as qrels relevance on the run's scale."""
-        return scores["grade" if self.graded else "label"].cast(pa.int64())
+        return run_relevance(scores, self.graded)
 
 
 def read_scored_run(url: str, storage: RunConfig, extra: Sequence[str] = ()) -> ScoredRun:
