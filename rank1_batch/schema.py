@@ -205,6 +205,12 @@ def relevance_labels(scored: pa.Table, model: str, answered_only: bool) -> pa.Ta
     return conform(labels.rename_columns(["rationale" if n == "reasoning" else n for n in labels.column_names]), LABELS_SCHEMA)
 
 
+def pair_keys(pairs: pa.Table) -> pa.Array:
+    """One string per (query_id, doc_id), to match the pairs of two tables by `is_in` or
+    `index_in`, where a join cannot carry list columns or the order of one table must be kept."""
+    return pc.binary_join_element_wise(pairs["query_id"], pairs["doc_id"], "\x00").combine_chunks()
+
+
 def run_relevance(scored: pa.Table, graded: bool) -> pa.ChunkedArray:
     """A run's verdict on each scored pair as qrels relevance: its grade (0 to 3) when the run is
     graded, else its label as 0 or 1."""

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as csv
 
+from ..schema import pair_keys
 from .evaluate import QrelsError, read_qrels_table
 from .input_files import PrepareError, at_place, numbered_lines, parse_run_line
 
@@ -232,12 +233,7 @@ def _places(query_ids: pa.Array) -> np.ndarray:
 
 def mark_judged(pairs: pa.Table, qrels: pa.Table) -> pa.Table:
     """The pairs with `judged`: whether the qrels hold a judgment of the pair, of any relevance."""
-    return pairs.append_column(JUDGED_FIELD, pc.is_in(_pair_keys(pairs), value_set=_pair_keys(qrels)))
-
-
-def _pair_keys(table: pa.Table) -> pa.Array:
-    # Ids hold no whitespace (fields are split on it), so the tab cannot make two pairs one key.
-    return pc.binary_join_element_wise(table["query_id"], table["doc_id"], "\t").combine_chunks()
+    return pairs.append_column(JUDGED_FIELD, pc.is_in(pair_keys(pairs), value_set=pair_keys(qrels)))
 
 
 def pool_record(runs: list[Run], depth: int | None, pairs: pa.Table, qrels_path: str | None = None,

@@ -19,7 +19,7 @@ from ..model.prompt import prompt_body, query_text
 from ..output.checkpoint import NotAnOutput, recorded_identity
 from ..output.layout import MANIFEST
 from ..output.storage import Output, storage_options
-from ..schema import run_relevance
+from ..schema import pair_keys, run_relevance
 from .evaluate import QRELS_COLUMNS, QRELS_SCHEMA, QrelsError, read_qrels_table
 from .labels import read_labels
 
@@ -76,11 +76,6 @@ def with_provenance(qrels: pa.Table, source: str, **columns) -> pa.Table:
         else:
             arrays.append(pa.array([value] * qrels.num_rows, field.type))
     return pa.table(arrays, schema=PROVENANCE_SCHEMA)
-
-
-def pair_keys(qrels: pa.Table) -> pa.Array:
-    """One string per (query_id, doc_id), to match pairs where a join cannot carry list columns."""
-    return pc.binary_join_element_wise(qrels["query_id"], qrels["doc_id"], "\x00")
 
 
 def merge(preferred: pa.Table, rest: pa.Table, preferred_name: str, rest_name: str) -> pa.Table:

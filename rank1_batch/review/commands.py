@@ -14,10 +14,10 @@ from ..config import RunConfig
 from ..ir.evaluate import read_qrels_table
 from ..ir.export import input_texts
 from ..ir.labels import matrix, relevance_cut_option, value_text
-from ..ir.qrels import KEY, merge, pair_keys, read_with_provenance, write_qrels
+from ..ir.qrels import KEY, merge, read_with_provenance, write_qrels
 from ..output.checkpoint import NotAnOutput
 from ..output.storage import Output, storage_options
-from ..schema import TRACES_SCHEMA
+from ..schema import TRACES_SCHEMA, pair_keys
 from .decisions import (
     ExportError,
     Review,

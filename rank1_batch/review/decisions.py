@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..ir.agreement import kappa
-from ..ir.qrels import KEY, pair_keys, with_provenance
+from ..ir.qrels import KEY, with_provenance
+from ..schema import pair_keys
 from .scored import Scale, ScoredRun
 
 SOURCE = "human-review"

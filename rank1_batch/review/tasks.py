@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..ir.qrels import pair_keys
 from ..model.prompt import query_text
+from ..schema import pair_keys
 from .scored import Scale, ScoredRun
 
 ORDERS = ("uncertainty", "disagreement")
